@@ -1,0 +1,118 @@
+"""Input handling: images of every common kind -> RGB uint8/float, reference resize (mmcv ``Resize`` with
+``keep_ratio``, METHODS_SPEC.md §1.1) and CLIP normalisation."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
+
+__all__ = ["load_image", "to_rgb_tensor", "rescale_size", "resize_image", "normalize_clip", "is_batch"]
+
+
+def _pil_to_rgb_array(img) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
+        arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(np.round(arr * (255.0 if arr.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(source: Any) -> Union[np.ndarray, torch.Tensor]:
+    """Read one image as RGB: uint8 (H, W, 3) numpy for files/PIL/arrays, float (3, H, W) in [0, 1] for tensors.
+
+    Paths and PIL images get EXIF orientation applied; grayscale, palette, RGBA (over white), CMYK and
+    16-bit images are converted to 8-bit RGB.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(os.path.expanduser(str(source)))
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: '{source}'")
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return _pil_to_rgb_array(img)
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"'{source}' is not a readable image ({type(e).__name__}: {e})") from None
+    if isinstance(source, Image.Image):
+        return _pil_to_rgb_array(source)
+    if isinstance(source, np.ndarray):
+        arr = source
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+            raise ValueError(f"numpy images must be (H, W), (H, W, 3) or (H, W, 4), got shape {source.shape}")
+        if arr.dtype != np.uint8:
+            raise TypeError(f"numpy images must be uint8 (0-255), got dtype {arr.dtype}; convert or pass a float tensor")
+        return np.ascontiguousarray(arr[..., :3])
+    if isinstance(source, torch.Tensor):
+        t = source
+        if t.dim() != 3 or t.shape[0] not in (1, 3):
+            raise ValueError(f"tensor images must be (3, H, W) or (1, H, W), got shape {tuple(source.shape)}")
+        if not t.is_floating_point():
+            if t.dtype != torch.uint8:
+                raise TypeError(f"tensor images must be float in [0, 1] or uint8, got dtype {t.dtype}")
+            t = t.float() / 255.0
+        if not torch.isfinite(t).all():
+            raise ValueError("tensor image contains NaN or inf values")
+        lo, hi = float(t.min()), float(t.max())
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"float tensor images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        t = t.float().clamp(0, 1)
+        return t.expand(3, -1, -1) if t.shape[0] == 1 else t
+    raise TypeError(
+        f"unsupported image type {type(source).__name__}; pass a path, a PIL image, a uint8 numpy array "
+        "(H, W, 3) or a float tensor (3, H, W) in [0, 1]"
+    )
+
+
+def is_batch(images: Any) -> bool:
+    """A list/tuple of images or a 4-D tensor is a batch."""
+    return isinstance(images, (list, tuple)) or (isinstance(images, torch.Tensor) and images.dim() == 4)
+
+
+def to_rgb_tensor(image: Union[np.ndarray, torch.Tensor]) -> Tuple[torch.Tensor, bool]:
+    """(3, H, W) float32 on the 0-255 scale, and whether it came from uint8 (then resizes re-quantise)."""
+    if isinstance(image, np.ndarray):
+        return torch.from_numpy(image).permute(2, 0, 1).float(), True
+    return image * 255.0, False
+
+
+def rescale_size(height: int, width: int, short_side: int, long_max: int = 2048) -> Tuple[int, int]:
+    """mmcv ``rescale_size`` for ``Resize(scale=(long_max, short_side), keep_ratio=True)``: round half up."""
+    scale = min(long_max / max(height, width), short_side / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_image(img: torch.Tensor, size: Tuple[int, int], *, quantize: bool) -> torch.Tensor:
+    """Bilinear resize (half-pixel centres, no antialias, like cv2 INTER_LINEAR); uint8 sources are re-quantised."""
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    out = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
+    return out.round().clamp(0, 255) if quantize else out
+
+
+def normalize_clip(img255: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) on 0-255 -> CLIP-normalised with the references' constants (§1.1)."""
+    mean = torch.tensor(CLIP_PIXEL_MEAN, device=img255.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_PIXEL_STD, device=img255.device).view(3, 1, 1)
+    return (img255 - mean) / std

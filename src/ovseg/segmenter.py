@@ -1,0 +1,258 @@
+"""Segmenter: one object for every method — builds CLIP (+ VFM), caches text embeddings, predicts label maps."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import get_attention
+from .backbones import create_clip, create_vfm
+from .config import CLIP_MEAN, CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CLIP_STD, PRECISIONS
+from .methods import MethodCfg, get_method
+from .pamr import pamr
+from .preprocess import is_batch, load_image, normalize_clip, rescale_size, resize_image, to_rgb_tensor
+from .result import SegmentationResult
+from .sliding import slide_inference
+from .text import LabelSet, TextClassifier, get_templates, parse_labels
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Segmenter", "postprocess"]
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def postprocess(
+    logits: torch.Tensor,
+    query_class: Sequence[int],
+    num_classes: int,
+    *,
+    logit_scale: float = 40.0,
+    threshold: float = 0.0,
+):
+    """Cosine logits (Q, H, W) -> (label map (H, W) int64, class scores (C, H, W)) as the references do (§1.4).
+
+    Softmax over all queries of ``logits · logit_scale``; a class scores the max over its synonyms; argmax
+    (ties to the lowest index); pixels whose best class score is below ``threshold`` go to class 0.
+    The returned scores are *not* renormalised (they are what the threshold sees).
+    """
+    probs = torch.softmax(logits.float() * logit_scale, dim=0)
+    if len(query_class) != num_classes:
+        index = torch.as_tensor(query_class, device=logits.device).view(-1, 1, 1).expand_as(probs)
+        scores = probs.new_zeros((num_classes,) + tuple(probs.shape[1:]))
+        scores = scores.scatter_reduce(0, index, probs, reduce="amax", include_self=False)
+    else:
+        scores = probs
+    best, labels = scores.max(dim=0)
+    if threshold > 0:
+        labels = torch.where(best < threshold, torch.zeros_like(labels), labels)
+    return labels, scores
+
+
+def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:1', 'mps'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use device='cpu'")
+    return dev
+
+
+class Segmenter:
+    """Training-free open-vocabulary semantic segmentation.
+
+    Args:
+        method: a preset from :func:`ovseg.list_methods` (``proxyclip``, ``naclip``, ``sclip``, ``clearclip``,
+            ``maskclip``, ``clip``).
+        clip: open_clip architecture (default ``ViT-B-16``).
+        clip_weights: open_clip pretrained tag, local checkpoint path, or ``"random"`` (default ``openai``).
+        vfm: VFM name for ``proxyclip`` (default ``dino_b8``); see :func:`ovseg.list_vfms`.
+        vfm_weights: None (official weights), local checkpoint path, or ``"random"``.
+        device: default CUDA when available, else CPU.
+        precision: ``fp32``, ``fp16`` or ``bf16`` autocast (default fp32 on CPU, fp16 on CUDA).
+        seed: seed for ``"random"`` weights.
+        clip_kwargs / vfm_kwargs: architecture overrides passed to open_clip / the VFM builder (experiments, tests).
+        **options: any :class:`ovseg.methods.MethodCfg` field (window, stride, logit_scale, threshold, beta,
+            gamma, sigma, pamr_steps, templates, attention, residual, ffn, batch_size, ...). ``None`` keeps the
+            preset's value.
+    """
+
+    def __init__(
+        self,
+        method: str = "proxyclip",
+        *,
+        clip: Optional[str] = None,
+        clip_weights: Optional[str] = None,
+        vfm: Optional[str] = None,
+        vfm_weights: Optional[str] = None,
+        device: Union[str, torch.device, None] = None,
+        precision: Optional[str] = None,
+        seed: int = 0,
+        clip_kwargs: Optional[Dict[str, Any]] = None,
+        vfm_kwargs: Optional[Dict[str, Any]] = None,
+        **options: Any,
+    ):
+        preset = get_method(method)
+        if vfm_weights is not None and vfm is None and preset.vfm is None and "attention" not in options:
+            raise ValueError(f"vfm_weights was given but method '{method}' uses no VFM")
+        self.cfg: MethodCfg = preset.replace(clip=clip, clip_weights=clip_weights, vfm=vfm, **options)
+        self.device = _resolve_device(device)
+        if precision is None:
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        self.strategy = get_attention(self.cfg.attention)
+        self.templates = get_templates(self.cfg.templates)
+        self.clip = create_clip(self.cfg.clip, self.cfg.clip_weights, device=self.device, seed=seed,
+                                model_kwargs=clip_kwargs)
+        self.vfm = None
+        if self.cfg.vfm is not None:
+            self.vfm = create_vfm(self.cfg.vfm, vfm_weights, seed=seed,
+                                  **({"model_kwargs": vfm_kwargs} if vfm_kwargs else {})).to(self.device)
+        self.text = TextClassifier(self.clip)
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def method(self) -> str:
+        return self.cfg.name
+
+    def __repr__(self) -> str:
+        vfm = f", vfm={self.cfg.vfm!r}" if self.cfg.vfm else ""
+        return (f"Segmenter({self.cfg.name!r}, clip={self.cfg.clip!r}, clip_weights={self.clip.weights!r}{vfm}, "
+                f"device='{self.device}', precision={self.precision!r})")
+
+    def to(self, device: Union[str, torch.device]) -> "Segmenter":
+        self.device = _resolve_device(device)
+        self.clip.to(self.device)
+        if self.vfm is not None:
+            self.vfm.to(self.device)
+        return self
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+
+    def text_embeddings(self, labels: Union[LabelSet, Sequence]) -> torch.Tensor:
+        """(Q, E) unit-norm float32 query embeddings (cached)."""
+        return self.text(parse_labels(labels).queries, self.templates, device=self.device)
+
+    def _vfm_input(self, crops: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised crops -> the VFM's normalisation (§3.2)."""
+        dev = crops.device
+        clip_mean = torch.tensor(CLIP_MEAN, device=dev).view(1, 3, 1, 1)
+        clip_std = torch.tensor(CLIP_STD, device=dev).view(1, 3, 1, 1)
+        mean = torch.tensor(self.vfm.mean, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(self.vfm.std, device=dev).view(1, 3, 1, 1)
+        return (crops * clip_std + clip_mean - mean) / std
+
+    def forward_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """Windows (N, 3, h, w), CLIP-normalised -> unit-norm dense features (N, E, h', w') float32."""
+        with self._autocast():
+            vfm_feats = self.vfm.forward_features(self._vfm_input(crops)) if self.vfm is not None else None
+            feats = self.clip.forward_dense(crops, self.strategy, residual=self.cfg.residual, ffn=self.cfg.ffn,
+                                            vfm_feats=vfm_feats, **self.cfg.attention_params())
+        return F.normalize(feats.float(), dim=1)
+
+    def _window_logits(self, text: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(crops: torch.Tensor) -> torch.Tensor:
+            feats = self.forward_features(crops)  # (N, E, h, w)
+            return torch.einsum("nehw,qe->nqhw", feats, text)
+
+        return fn
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def predict_logits(self, images: Sequence[Any], labels: Union[LabelSet, Sequence], *,
+                       progress: bool = False) -> List[Dict[str, Any]]:
+        """Per image: raw cosine logits (Q, H0, W0) at the input size (after PAMR when enabled) and its RGB."""
+        labelset = parse_labels(labels)
+        text = self.text(labelset.queries, self.templates, device=self.device)
+        loaded, inputs = [], []
+        for src in images:
+            rgb = load_image(src)
+            img255, quantize = to_rgb_tensor(rgb)
+            h0, w0 = img255.shape[-2:]
+            size = (h0, w0)
+            if self.cfg.short_side is not None:
+                size = rescale_size(h0, w0, self.cfg.short_side, self.cfg.long_max)
+            ph, pw = self.clip.patch_size
+            if size[0] < ph or size[1] < pw:
+                raise ValueError(f"image of size {h0}x{w0} is too small or too elongated: resized to "
+                                 f"{size[0]}x{size[1]}, smaller than one {ph}x{pw} CLIP patch")
+            x = normalize_clip(resize_image(img255.to(self.device), size, quantize=quantize))
+            loaded.append(rgb)
+            inputs.append(x)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc="windows", unit="win")
+        logits = slide_inference(inputs, self._window_logits(text), window=self.cfg.window, stride=self.cfg.stride,
+                                 pad_multiple=self.cfg.pad_multiple, batch_size=self.cfg.batch_size,
+                                 progress=bar.update if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        out = []
+        for rgb, x, lg in zip(loaded, inputs, logits):
+            h0, w0 = (rgb.shape[:2] if isinstance(rgb, np.ndarray) else rgb.shape[-2:])
+            lg = F.interpolate(lg[None], size=(h0, w0), mode="bilinear", align_corners=False)
+            if self.cfg.pamr_steps > 0:
+                img = F.interpolate(x[None], size=(h0, w0), mode="bilinear", align_corners=False)
+                lg = pamr(img, lg, steps=self.cfg.pamr_steps, dilations=self.cfg.pamr_dilations)
+            out.append({"logits": lg[0], "rgb": rgb})
+        return out
+
+    def predict(
+        self,
+        image: Any,
+        labels: Union[LabelSet, Sequence],
+        *,
+        threshold: Optional[float] = None,
+        return_logits: bool = False,
+        progress: bool = False,
+    ) -> Union[SegmentationResult, List[SegmentationResult]]:
+        """Segment one image (path, PIL image, uint8 HxWx3 array, float (3, H, W) tensor in [0, 1]) or a list
+        of them / a (B, 3, H, W) tensor (returns a list).
+
+        Args:
+            labels: list of class names; ``"sofa; couch"`` or ``["sofa", "couch"]`` gives synonyms.
+            threshold: pixels whose best class probability is below it go to ``labels[0]`` (the references'
+                ``prob_thd``; default: the method's, 0).
+            return_logits: also keep the per-query cosine logits.
+        """
+        batch = is_batch(image)
+        images = list(image) if batch else [image]
+        if not images:
+            raise ValueError("no images given (empty list)")
+        labelset = parse_labels(labels)
+        thd = self.cfg.threshold if threshold is None else float(threshold)
+        if not 0.0 <= thd <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+        results = []
+        with torch.inference_mode():
+            for item in self.predict_logits(images, labelset, progress=progress):
+                lg = item["logits"]
+                label_map, scores = postprocess(lg, labelset.query_class, labelset.num_classes,
+                                                logit_scale=self.cfg.logit_scale, threshold=thd)
+                probs = scores / scores.sum(dim=0, keepdim=True)
+                rgb = item["rgb"]
+                if not isinstance(rgb, np.ndarray):
+                    rgb = (rgb * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+                results.append(SegmentationResult(
+                    label_map=label_map.to(torch.int32).cpu().numpy(),
+                    probs=probs.float().cpu().numpy(),
+                    labels=list(labelset.names),
+                    image=rgb,
+                    logits=lg.float().cpu().numpy() if return_logits else None,
+                    queries=list(labelset.queries),
+                ))
+        return results if batch else results[0]

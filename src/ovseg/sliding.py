@@ -1,0 +1,124 @@
+"""Sliding-window inference with mmseg's crop grid (METHODS_SPEC.md §1.2) and ProxyCLIP's pad-to-multiple.
+
+Windows are cut from every image, grouped by size and run through the model in batches; per-window logits are
+upsampled to the (padded) window, the padding is cut away, and logits are averaged per pixel over overlaps.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["window_grid", "pad_amounts", "slide_inference", "as_pair"]
+
+Pair = Tuple[int, int]
+
+
+def as_pair(value: Union[int, Sequence[int], None], name: str) -> Optional[Pair]:
+    """``336`` -> (336, 336); ``(h, w)`` kept; None kept. Non-positive or non-integer values raise."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                       for v in value):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
+    if pair[0] <= 0 or pair[1] <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return pair
+
+
+def window_grid(height: int, width: int, window: Pair, stride: Pair) -> List[Tuple[int, int, int, int]]:
+    """mmseg ``slide_inference`` windows as (y1, y2, x1, x2); the last row/column is shifted back to the border."""
+    hc, wc = window
+    hs, ws = stride
+    h_grids = max(height - hc + hs - 1, 0) // hs + 1
+    w_grids = max(width - wc + ws - 1, 0) // ws + 1
+    boxes = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y1, x1 = hi * hs, wi * ws
+            y2, x2 = min(y1 + hc, height), min(x1 + wc, width)
+            y1, x1 = max(y2 - hc, 0), max(x2 - wc, 0)
+            boxes.append((y1, y2, x1, x2))
+    return boxes
+
+
+def pad_amounts(height: int, width: int, multiple: Optional[int]) -> Tuple[int, int, int, int]:
+    """ProxyCLIP's ``compute_padsize``: (left, right, top, bottom) zero padding up to a multiple, split evenly
+    with the extra pixel on the right/bottom."""
+    if not multiple:
+        return 0, 0, 0, 0
+    pw = (multiple - width % multiple) % multiple
+    ph = (multiple - height % multiple) % multiple
+    return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def slide_inference(
+    images: Sequence[torch.Tensor],
+    forward_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    window: Optional[Pair],
+    stride: Optional[Pair],
+    pad_multiple: Optional[int] = None,
+    batch_size: int = 8,
+    progress: Optional[Callable[[int], None]] = None,
+) -> List[torch.Tensor]:
+    """Average window logits over each image.
+
+    Args:
+        images: list of (3, H, W) tensors (sizes may differ), already normalised.
+        forward_fn: (N, 3, h, w) windows of equal size -> (N, Q, h', w') logits on any grid; they are
+            upsampled bilinearly (align_corners False) to the padded window size.
+        window: (h, w) crop size, or None for whole-image inference (one window per image).
+        stride: (h, w) step between windows (ignored in whole-image mode).
+        pad_multiple: zero-pad each window to a multiple of this (ProxyCLIP: 56), cut away after.
+        batch_size: windows per forward call.
+        progress: called with the number of windows finished after each batch.
+
+    Returns:
+        list of (Q, H, W) float32 logits, one per image.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    jobs = []  # (image index, box)
+    for i, img in enumerate(images):
+        if img.dim() != 3:
+            raise ValueError(f"images must be (3, H, W), got {tuple(img.shape)}")
+        h, w = img.shape[-2:]
+        boxes = [(0, h, 0, w)] if window is None else window_grid(h, w, window, stride or window)
+        jobs.extend((i, b) for b in boxes)
+    groups = {}
+    for job in jobs:
+        _, (y1, y2, x1, x2) = job
+        groups.setdefault((y2 - y1, x2 - x1), []).append(job)
+
+    preds: List[Optional[torch.Tensor]] = [None] * len(images)
+    counts = [torch.zeros(img.shape[-2:], device=img.device) for img in images]
+    for (h, w), group in groups.items():
+        left, right, top, bottom = pad_amounts(h, w, pad_multiple)
+        for batch in _batches(group, batch_size):
+            crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in batch])
+            if left or right or top or bottom:
+                crops = F.pad(crops, (left, right, top, bottom))  # zero = CLIP mean colour
+            logits = forward_fn(crops)
+            for n, (i, (y1, y2, x1, x2)) in enumerate(batch):
+                win = F.interpolate(logits[n:n + 1].float(), size=crops.shape[-2:], mode="bilinear",
+                                    align_corners=False)[0, :, top:top + h, left:left + w]
+                if preds[i] is None:
+                    preds[i] = win.new_zeros((win.shape[0],) + tuple(images[i].shape[-2:]))
+                preds[i][:, y1:y2, x1:x2] += win
+                counts[i][y1:y2, x1:x2] += 1
+            if progress is not None:
+                progress(len(batch))
+    return [p / c for p, c in zip(preds, counts)]
