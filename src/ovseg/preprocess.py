@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Tuple, Union
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ def is_batch(images: Any) -> bool:
 def to_rgb_tensor(image: Union[np.ndarray, torch.Tensor]) -> Tuple[torch.Tensor, bool]:
     """(3, H, W) float32 on the 0-255 scale, and whether it came from uint8 (then resizes re-quantise)."""
     if isinstance(image, np.ndarray):
-        return torch.from_numpy(image).permute(2, 0, 1).float(), True
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float(), True
     return image * 255.0, False
 
 

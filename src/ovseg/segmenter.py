@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .attention import get_attention
 from .backbones import create_clip, create_vfm
-from .config import CLIP_MEAN, CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CLIP_STD, PRECISIONS
+from .config import CLIP_MEAN, CLIP_STD, PRECISIONS
 from .methods import MethodCfg, get_method
 from .pamr import pamr
 from .preprocess import is_batch, load_image, normalize_clip, rescale_size, resize_image, to_rgb_tensor

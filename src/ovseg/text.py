@@ -72,7 +72,7 @@ def parse_labels(labels: LabelsLike, *, synonym_sep: str = ";") -> LabelSet:
     query_class: List[int] = []
     seen = {}
     for c, item in enumerate(items):
-        where = f"(labels[{c}])"
+        where = f"(labels[{c}] = {item!r})"
         if isinstance(item, str):
             syns = [_clean(s, where) for s in item.split(synonym_sep)] if synonym_sep in item else [_clean(item, where)]
         elif isinstance(item, (list, tuple)):

@@ -290,7 +290,14 @@ def create_clip(
     if state_dict is not None:
         for key in _OPENAI_EXTRA_KEYS:
             state_dict.pop(key, None)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        except RuntimeError as e:  # shape mismatch
+            raise ValueError(
+                f"clip_weights '{weights}' does not fit architecture '{arch}': "
+                f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}. "
+                "Pass the matching clip= architecture name."
+            ) from None
         if missing or unexpected:
             raise ValueError(
                 f"clip_weights '{weights}' does not fit architecture '{arch}': {len(missing)} missing keys "

@@ -38,6 +38,8 @@ class TimmViTFeatures(VFM):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.vit
+        p = self.patch_size
+        x = x[..., : x.shape[-2] // p * p, : x.shape[-1] // p * p]  # the conv stem floors (as DINO's does)
         x = vit.patch_embed(x)  # (B, h, w, C) with dynamic_img_size
         if x.dim() == 3:  # static patch embed (B, N, C)
             raise RuntimeError("build the timm ViT with dynamic_img_size=True")
@@ -98,7 +100,11 @@ def build_timm_vit(
             if not isinstance(weights, (str, os.PathLike)):
                 raise TypeError(f"vfm_weights must be None, 'random' or a path, got {type(weights).__name__}")
             sd = _clean_dino_state_dict(load_state_dict_file(weights, option="vfm_weights"))
-            missing, unexpected = vit.load_state_dict(sd, strict=False)
+            try:
+                missing, unexpected = vit.load_state_dict(sd, strict=False)
+            except RuntimeError as e:  # shape mismatch
+                raise ValueError(f"vfm_weights '{weights}' does not fit VFM '{vfm_name}': "
+                                 f"{str(e).splitlines()[-1].strip()}") from None
             if missing or unexpected:
                 raise ValueError(
                     f"vfm_weights '{weights}' does not fit VFM '{vfm_name}': {len(missing)} missing keys "

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny configs of the real architectures (open_clip ViT, timm DINO ViT), seeded weights."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# Small configs of the *real* architectures: same code paths, seconds instead of minutes on CPU.
+TINY_CLIP = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=224, layers=3, width=64, patch_size=16, head_width=32),
+    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+)
+TINY_DINO = dict(embed_dim=48, depth=2, num_heads=2)
+
+DEVICE = os.environ.get("OVSEG_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def make_segmenter(method: str, **kw):
+    from ovseg import Segmenter
+
+    kw.setdefault("clip_weights", "random")
+    kw.setdefault("clip_kwargs", TINY_CLIP)
+    kw.setdefault("templates", "single")
+    kw.setdefault("device", DEVICE)
+    if method == "proxyclip" or kw.get("vfm"):
+        kw.setdefault("vfm_weights", "random")
+        kw.setdefault("vfm_kwargs", TINY_DINO)
+    return Segmenter(method, **kw)
+
+
+@pytest.fixture
+def rgb_image():
+    """A smooth, structured 8-bit RGB image (odd, non-square size)."""
+    h, w = 181, 263
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([(xx * 255 / w), (yy * 255 / h), ((xx + yy) % 97) * 2.6], axis=-1)
+    img[40:120, 60:150] = [250, 30, 30]
+    return img.astype(np.uint8)
