@@ -16,7 +16,7 @@ from .methods import MethodCfg, get_method
 from .pamr import pamr
 from .preprocess import is_batch, load_image, normalize_clip, rescale_size, resize_image, to_rgb_tensor
 from .result import SegmentationResult
-from .sliding import slide_inference
+from .sliding import slide_inference, window_grid
 from .text import LabelSet, TextClassifier, get_templates, parse_labels
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,9 @@ class Segmenter:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(desc="windows", unit="win")
+            total = sum(1 if self.cfg.window is None else
+                        len(window_grid(x.shape[-2], x.shape[-1], self.cfg.window, self.cfg.stride)) for x in inputs)
+            bar = tqdm(total=total, desc="windows", unit="win")
         logits = slide_inference(inputs, self._window_logits(text), window=self.cfg.window, stride=self.cfg.stride,
                                  pad_multiple=self.cfg.pad_multiple, batch_size=self.cfg.batch_size,
                                  progress=bar.update if bar is not None else None)
