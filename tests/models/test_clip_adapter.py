@@ -142,3 +142,18 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"weights": _Payload()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="weights_only"):
         create_clip("ViT-B-16", str(tmp_path / "evil.pt"), model_kwargs=TINY_CLIP)
+
+
+def test_offline_error_names_file_and_option(monkeypatch, tmp_path):
+    import huggingface_hub.constants as c
+
+    from ovseg.weights import WeightsUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty"), raising=False)
+    with pytest.raises(WeightsUnavailableError) as e:
+        create_clip("ViT-B-16", "openai", model_kwargs=TINY_CLIP, cache_dir=str(tmp_path / "empty"))
+    msg = str(e.value)
+    assert "ViT-B-16" in msg and "openai" in msg and "clip_weights=PATH" in msg
+    assert "ViT-B-16.pt" in msg or "open_clip_model.safetensors" in msg

@@ -192,3 +192,13 @@ def test_full_size_proxyclip_vit_b16_dino_b8():
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(1, 42, 42))
     res = seg.predict(img, LABELS)
     assert res.label_map.shape == (336, 336)
+
+
+def test_bf16_autocast_runs_and_mostly_agrees(rgb_image):
+    fp32 = make_segmenter("naclip", pamr_steps=0)
+    bf16 = make_segmenter("naclip", pamr_steps=0, precision="bf16")
+    a = fp32.predict(rgb_image, LABELS)
+    b = bf16.predict(rgb_image, LABELS)
+    assert bf16.precision == "bf16" and np.isfinite(b.probs).all()
+    assert (a.label_map == b.label_map).mean() > 0.9
+    assert not np.array_equal(a.probs, b.probs)  # the lower precision path really ran
