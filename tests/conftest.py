@@ -38,7 +38,7 @@ def make_segmenter(method: str, **kw):
     kw.setdefault("device", DEVICE)
     if method == "proxyclip" or kw.get("vfm"):
         kw.setdefault("vfm_weights", "random")
-        kw.setdefault("vfm_kwargs", TINY_DINO)
+        kw.setdefault("vfm_kwargs", {"model_kwargs": TINY_DINO})
     return Segmenter(method, **kw)
 
 

@@ -78,7 +78,9 @@ class Segmenter:
         device: default CUDA when available, else CPU.
         precision: ``fp32``, ``fp16`` or ``bf16`` autocast (default fp32 on CPU, fp16 on CUDA).
         seed: seed for ``"random"`` weights.
-        clip_kwargs / vfm_kwargs: architecture overrides passed to open_clip / the VFM builder (experiments, tests).
+        clip_kwargs: open_clip model-config overrides (e.g. a smaller ``vision_cfg`` for tests).
+        vfm_kwargs: keyword options of the VFM builder, e.g. ``{"block": 1}`` for SD or
+            ``{"model_kwargs": {...}}`` (architecture overrides for timm/diffusers).
         **options: any :class:`ovseg.methods.MethodCfg` field (window, stride, logit_scale, threshold, beta,
             gamma, sigma, pamr_steps, templates, attention, residual, ffn, batch_size, ...). ``None`` keeps the
             preset's value.
@@ -115,8 +117,7 @@ class Segmenter:
                                 model_kwargs=clip_kwargs)
         self.vfm = None
         if self.cfg.vfm is not None:
-            self.vfm = create_vfm(self.cfg.vfm, vfm_weights, seed=seed,
-                                  **({"model_kwargs": vfm_kwargs} if vfm_kwargs else {})).to(self.device)
+            self.vfm = create_vfm(self.cfg.vfm, vfm_weights, seed=seed, **(vfm_kwargs or {})).to(self.device)
         self.text = TextClassifier(self.clip)
 
     # ------------------------------------------------------------------ plumbing

@@ -1,0 +1,84 @@
+"""Segment Anything image encoders (Kirillov et al., ICCV 2023) via timm's ``samvit_*`` (METHODS_SPEC.md §3.3).
+
+The (ImageNet-normalised) crop is *stretched* to 1024x1024 (bilinear, align_corners False; not SAM's
+pad-to-square) and the 256-channel neck output (B, 256, 64, 64) is the feature map, whatever the crop's shape.
+Meta's release files ``sam_vit_{b,l,h}_*.pth`` load directly (the image-encoder keys are mapped with timm's
+converter; prompt encoder and mask decoder are ignored).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..weights import load_state_dict_file, seeded
+from .base import VFM, register_vfm
+from .timm_vit import load_into, offline_error
+
+__all__ = ["SAMFeatures", "build_sam"]
+
+_URL = "https://dl.fbaipublicfiles.com/segment_anything/{file}"
+
+
+class SAMFeatures(VFM):
+    """SAM ViT image encoder + neck as a VFM with a fixed (input_size/16)² grid."""
+
+    def __init__(self, vit: nn.Module, *, name: str = "sam"):
+        super().__init__()
+        self.vit = vit
+        self.name = name
+        self.input_size: Tuple[int, int] = tuple(vit.patch_embed.img_size)
+        p = int(vit.patch_embed.patch_size[0])
+        self.patch_size = p  # stride at the stretched input
+        neck_out = [m for m in vit.neck.modules() if isinstance(m, nn.Conv2d)]
+        self.embed_dim = int(neck_out[-1].out_channels) if neck_out else int(vit.embed_dim)
+        self._grid = (self.input_size[0] // p, self.input_size[1] // p)
+
+    def grid_size(self, height: int, width: int) -> Tuple[int, int]:
+        return self._grid
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        return self.vit.forward_features(x)  # (B, 256, 64, 64)
+
+
+def convert_sam(sd: Dict[str, torch.Tensor], model=None) -> Dict[str, torch.Tensor]:
+    from timm.models.vision_transformer_sam import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(sd, model)
+
+
+def build_sam(*, timm_name: str, release_file: str, weights: Any = None, seed: int = 0,
+              model_kwargs: Optional[Dict[str, Any]] = None, vfm_name: str = "sam") -> SAMFeatures:
+    import timm
+
+    kwargs = dict(num_classes=0)
+    kwargs.update(model_kwargs or {})
+    if weights is None:
+        try:
+            vit = timm.create_model(timm_name, pretrained=True, **kwargs)
+        except Exception as e:
+            raise offline_error(vfm_name, f"timm '{timm_name}'", release_file, _URL.format(file=release_file),
+                                e) from None
+    else:
+        with seeded(seed):
+            vit = timm.create_model(timm_name, pretrained=False, **kwargs)
+        if not (isinstance(weights, str) and weights == "random"):
+            if not isinstance(weights, (str, os.PathLike)):
+                raise TypeError(f"vfm_weights must be None, 'random' or a path, got {type(weights).__name__}")
+            sd = convert_sam(load_state_dict_file(weights, option="vfm_weights"), vit)
+            load_into(vit, sd, weights, vfm_name, release_file)
+    return SAMFeatures(vit, name=vfm_name)
+
+
+for _name, _timm, _file, _desc in (
+    ("sam_b16", "samvit_base_patch16.sa1b", "sam_vit_b_01ec64.pth", "SAM ViT-B"),
+    ("sam_l16", "samvit_large_patch16.sa1b", "sam_vit_l_0b3195.pth", "SAM ViT-L"),
+    ("sam_h16", "samvit_huge_patch16.sa1b", "sam_vit_h_4b8939.pth", "SAM ViT-H"),
+):
+    register_vfm(_name, build_sam, doc=f"{_desc} image encoder: 256-channel neck output at 64x64",
+                 timm_name=_timm, release_file=_file, vfm_name=_name)
