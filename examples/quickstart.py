@@ -1,6 +1,6 @@
 """Quickstart: segment a picture with a few words and save the overlay.
 
-    python examples/quickstart.py                         # a generated test picture, ProxyCLIP + DINO-B/8
+    python examples/quickstart.py                         # a sample photo (scikit-image's cat), ProxyCLIP + DINO-B/8
     python examples/quickstart.py --image photo.jpg --labels "horse, grass; lawn, sky, tree" --method naclip
     python examples/quickstart.py --random                # no downloads: seeded random weights (a smoke test)
 
@@ -13,6 +13,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ovseg import Segmenter
+
+
+def sample_photo():
+    """scikit-image's freely licensed cat photo when scikit-image is installed, else a generated picture."""
+    try:
+        from skimage import data
+
+        return data.chelsea(), "cat, wall, floor; ground"
+    except ImportError:
+        return demo_picture(), "sky, sun, mountain; hill, grass"
 
 
 def demo_picture(size=(480, 360)) -> Image.Image:
@@ -30,7 +40,7 @@ def demo_picture(size=(480, 360)) -> Image.Image:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", help="path of a photo (default: a generated landscape)")
-    ap.add_argument("--labels", default="sky, sun, mountain; hill, grass")
+    ap.add_argument("--labels", default=None, help="comma-separated labels, ';' between synonyms")
     ap.add_argument("--method", default="proxyclip")
     ap.add_argument("--random", action="store_true", help="seeded random weights instead of downloads")
     ap.add_argument("--out", default="out/quickstart_overlay.png")
@@ -40,8 +50,8 @@ def main() -> None:
     if args.method != "proxyclip":
         weights.pop("vfm_weights", None)
     seg = Segmenter(args.method, **weights)
-    image = args.image or demo_picture()
-    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    image, default_labels = (args.image, "") if args.image else sample_photo()
+    labels = [s.strip() for s in (args.labels or default_labels or "object, background").split(",") if s.strip()]
     res = seg.predict(image, labels, progress=True)
     for label, share in res.fractions().items():
         print(f"{label:>12}: {share:6.1%}")

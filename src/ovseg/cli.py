@@ -1,81 +1,282 @@
-"""Command line: ``ovseg list`` and ``ovseg predict`` (a fuller CLI is planned, see the issues)."""
+"""``ovseg`` command line: ``predict``, ``list``, ``doctor`` (and ``eval`` when available).
+
+Errors from bad input print one line on stderr and exit with code 2.
+"""
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
+import platform
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
-__all__ = ["main"]
+from . import __version__
+from .errors import PathNotFoundError
+
+__all__ = ["main", "build_parser", "parse_label_text", "find_images"]
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+
+def parse_label_text(text: str) -> List[str]:
+    """``"cat, sofa; couch, floor"`` -> ``["cat", "sofa; couch", "floor"]`` (empty items are kept so that
+    the label parser can reject them with a clear message)."""
+    if not text.strip():
+        raise ValueError("--labels is empty; give comma-separated labels, e.g. --labels \"cat, sofa; couch\"")
+    return [part.strip() for part in text.split(",")]
+
+
+def read_label_file(path: str) -> List[str]:
+    """One class per line (``;`` separates synonyms); blank lines and ``#`` comments are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise PathNotFoundError(f"--labels-file: file not found: '{path}'")
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    labels = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not labels:
+        raise ValueError(f"--labels-file '{path}' has no labels")
+    return labels
+
+
+def find_images(inputs: Sequence[str], recursive: bool = False) -> List[Path]:
+    """Files, folders (their images, sorted) and globs -> image paths. A missing path is an error."""
+    found: List[Path] = []
+    for item in inputs:
+        p = Path(os.path.expanduser(item))
+        if p.is_dir():
+            it = p.rglob("*") if recursive else p.iterdir()
+            imgs = sorted(f for f in it if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not imgs:
+                raise ValueError(f"folder '{item}' contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            found.extend(imgs)
+        elif p.is_file():
+            found.append(p)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(item), recursive=True)
+                             if Path(m).is_file() and Path(m).suffix.lower() in IMAGE_SUFFIXES)
+            if not matches:
+                raise PathNotFoundError(f"no images match '{item}'")
+            found.extend(matches)
+        else:
+            raise PathNotFoundError(f"image path not found: '{item}'")
+    return found
+
+
+def _unique_stems(paths: Sequence[Path]) -> List[str]:
+    seen, stems = {}, []
+    for p in paths:
+        stem = p.stem
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        stems.append(stem if n == 0 else f"{stem}_{n}")
+    return stems
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--method", default="proxyclip", help="proxyclip (default), naclip, sclip, clearclip, maskclip, clip")
+    g.add_argument("--clip", default=None, help="open_clip architecture (default ViT-B-16)")
+    g.add_argument("--clip-weights", default=None,
+                   help="open_clip pretrained tag (default openai), a local checkpoint file, or 'random'")
+    g.add_argument("--vfm", default=None, help="VFM for proxyclip (default dino_b8); see 'ovseg list'")
+    g.add_argument("--vfm-weights", default=None, help="local checkpoint in the official release format, or 'random'")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
+    o = p.add_argument_group("inference options (default: the method's preset)")
+    o.add_argument("--window", type=int, default=None, help="window size in pixels; 0 = whole image")
+    o.add_argument("--stride", type=int, default=None)
+    o.add_argument("--short-side", type=int, default=None, help="resize the shorter side to this (default 336)")
+    o.add_argument("--threshold", type=float, default=None, help="low-confidence pixels go to the first label")
+    o.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    o.add_argument("--pamr-steps", type=int, default=None, help="PAMR iterations (naclip: 10; 0 disables)")
+    o.add_argument("--templates", default=None,
+                   help="prompt templates: openai_imagenet (80, default), simple_imagenet (7), single, or a text "
+                        "file with one template containing {} per line")
+
+
+def _segmenter(args: argparse.Namespace):
+    from .segmenter import Segmenter
+
+    return Segmenter(args.method, clip=args.clip, clip_weights=args.clip_weights, vfm=args.vfm,
+                     vfm_weights=args.vfm_weights, device=args.device, precision=args.precision,
+                     window=args.window, stride=args.stride, short_side=args.short_side,
+                     batch_size=args.batch_size, pamr_steps=args.pamr_steps, templates=_templates(args.templates))
+
+
+def _templates(value: Optional[str]):
+    if value is None or not os.path.isfile(value):
+        return value
+    lines = [ln.strip() for ln in Path(value).read_text(encoding="utf-8").splitlines()]
+    return tuple(ln for ln in lines if ln and not ln.startswith("#"))
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .text import parse_labels
+
+    if (args.labels is None) == (args.labels_file is None):
+        raise ValueError("give exactly one of --labels \"a, b; c\" or --labels-file FILE")
+    raw = parse_label_text(args.labels) if args.labels is not None else read_label_file(args.labels_file)
+    labelset = parse_labels(raw)  # validate before loading any model
+    images = find_images(args.images, recursive=args.recursive)
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    seg = _segmenter(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    progress = not args.quiet
+    iterator = zip(images, _unique_stems(images))
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(list(iterator), desc="images", unit="img", file=sys.stderr)
+    for path, stem in iterator:
+        res = seg.predict(str(path), labelset, threshold=args.threshold)
+        paths = res.save(out, stem, save_probs=args.save_probs, alpha=args.alpha)
+        records.append({
+            "file": str(path), "height": res.size[0], "width": res.size[1],
+            **{f"{k}_{'npy' if k == 'probs' else 'png'}": os.path.relpath(v, out) for k, v in paths.items()},
+            "fractions": {k: round(v, 6) for k, v in res.fractions().items()},
+        })
+    summary = {
+        "ovseg": __version__, "method": seg.cfg.name, "clip": seg.cfg.clip, "clip_weights": seg.clip.weights,
+        "vfm": seg.cfg.vfm, "labels": list(labelset.names), "queries": list(labelset.queries), "images": records,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    if not args.quiet:
+        print(f"wrote {len(records)} result(s) to {out}/ (results.json)", file=sys.stderr)
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from .attention import describe_attentions
-    from .backbones import describe_vfms
+    from .backbones import describe_vfms, list_clip_architectures
     from .methods import METHODS
 
-    print("methods:")
-    for name, doc in METHODS.describe().items():
-        print(f"  {name:<12} {doc}")
-    print("vfms:")
-    for name, doc in describe_vfms().items():
-        print(f"  {name:<12} {doc}")
-    print("attentions:")
-    for name, doc in describe_attentions().items():
-        print(f"  {name:<12} {doc}")
+    def section(title, rows):
+        print(f"{title}:")
+        for name, doc in rows:
+            print(f"  {name:<16} {doc}")
+
+    section("methods", METHODS.describe().items())
+    section("vfms (for proxyclip)", describe_vfms().items())
+    section("attentions", describe_attentions().items())
+    import open_clip
+
+    archs = set(list_clip_architectures())
+    tags = {}
+    for arch, tag in open_clip.list_pretrained():
+        if arch in archs:
+            tags.setdefault(arch, []).append(tag)
+    section("clip architectures (open_clip) and pretrained tags",
+            [(a, ", ".join(t)) for a, t in sorted(tags.items())])
     return 0
 
 
-def _split_labels(text: str) -> List[str]:
-    return [part for part in (p.strip() for p in text.split(",")) if part]
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import importlib.metadata as md
 
+    import torch
 
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from .segmenter import Segmenter
+    print(f"ovseg {__version__} | python {platform.python_version()} | {platform.platform()}")
+    cuda = torch.cuda.is_available()
+    print(f"torch {torch.__version__} | CUDA build: {torch.version.cuda or 'none'} | CUDA available: {cuda}")
+    for i in range(torch.cuda.device_count() if cuda else 0):
+        print(f"  cuda:{i} {torch.cuda.get_device_name(i)}")
+    mps = getattr(torch.backends, "mps", None)
+    print(f"MPS available: {bool(mps and mps.is_available())} | CPU threads: {torch.get_num_threads()} | "
+          f"CPU capability: {torch.backends.cpu.get_cpu_capability()}")
+    print(f"default device: {'cuda' if cuda else 'cpu'} | default precision: {'fp16' if cuda else 'fp32'}")
+    print("packages:")
+    for pkg, extra in (("open_clip_torch", ""), ("timm", ""), ("torchvision", ""), ("huggingface_hub", ""),
+                       ("safetensors", ""), ("numpy", ""), ("pillow", ""), ("diffusers", "sd"),
+                       ("transformers", "sd")):
+        try:
+            ver = md.version(pkg)
+        except md.PackageNotFoundError:
+            ver = f'not installed (pip install "ovseg[{extra}]")' if extra else "NOT INSTALLED"
+        print(f"  {pkg:<16} {ver}")
+    from huggingface_hub import constants
 
-    labels = _split_labels(args.labels)
-    seg = Segmenter(args.method, clip=args.clip, clip_weights=args.clip_weights, vfm=args.vfm,
-                    vfm_weights=args.vfm_weights, device=args.device, precision=args.precision)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = []
-    for path in args.images:
-        res = seg.predict(path, labels, progress=True)
-        stem = Path(path).stem
-        res.overlay().save(out / f"{stem}_overlay.png")
-        from PIL import Image
-
-        Image.fromarray(res.color_mask()).save(out / f"{stem}_mask.png")
-        summary.append({"file": str(path), "labels": res.labels, "fractions": res.fractions()})
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    offline = bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    print(f"hugging face cache: {constants.HF_HUB_CACHE} | HF_HUB_OFFLINE: {int(offline)}")
+    cached = _cached_repos()
+    print("weights in the local cache:")
+    for kind, name, repo in _known_weights():
+        state = "cached" if repo in cached else "not cached"
+        print(f"  {kind:<5} {name:<28} {repo:<48} {state}")
     return 0
+
+
+def _cached_repos() -> set:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return {r.repo_id for r in scan_cache_dir().repos}
+    except Exception:  # no cache yet
+        return set()
+
+
+def _known_weights():
+    """(kind, name, hub repo) for the presets' CLIP weights and every registered VFM with a hub source."""
+    import open_clip
+
+    from .backbones import VFMS
+
+    rows = []
+    for arch, tag in (("ViT-B-16", "openai"), ("ViT-L-14", "openai"), ("ViT-H-14", "laion2b_s32b_b79k")):
+        cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+        rows.append(("clip", f"{arch}/{tag}", cfg.get("hf_hub", "").rstrip("/")))
+    for name in VFMS.names():
+        d = VFMS.get(name).defaults
+        repo = d.get("repo_id")
+        if repo is None and "timm_name" in d:
+            try:
+                import timm
+
+                repo = timm.models.get_pretrained_cfg(d["timm_name"]).hf_hub_id
+            except Exception:
+                repo = None
+        if repo:
+            rows.append(("vfm", name, repo))
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ovseg", description="training-free open-vocabulary segmentation")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_list = sub.add_parser("list", help="methods, VFMs and attention strategies")
-    p_list.set_defaults(func=_cmd_list)
-    p = sub.add_parser("predict", help="segment images with a list of labels")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--labels", required=True, help='comma-separated, ";" for synonyms: "cat, sofa; couch"')
-    p.add_argument("--method", default="proxyclip")
-    p.add_argument("--clip", default=None)
-    p.add_argument("--clip-weights", default=None)
-    p.add_argument("--vfm", default=None)
-    p.add_argument("--vfm-weights", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--out", default="out")
+    parser = argparse.ArgumentParser(prog="ovseg", description="Training-free open-vocabulary semantic segmentation.")
+    parser.add_argument("--version", action="version", version=f"ovseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{predict,list,doctor}")
+    p = sub.add_parser("predict", help="segment images with a list of words",
+                       description="Segment images (files, folders or globs) with any labels.")
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--labels", default=None, help='comma-separated, ";" between synonyms: "cat, sofa; couch, floor"')
+    p.add_argument("--labels-file", default=None, help="one label per line (';' between synonyms)")
+    p.add_argument("--out", default="out", help="output folder (default: out/)")
+    p.add_argument("--save-probs", action="store_true", help="also write <stem>_probs.npy (C, H, W) float32")
+    p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay (default 0.5)")
+    p.add_argument("--recursive", action="store_true", help="search folders recursively")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_args(p)
     p.set_defaults(func=_cmd_predict)
+    s = sub.add_parser("list", help="methods, VFMs, attentions, CLIP architectures and pretrained tags")
+    s.set_defaults(func=_cmd_list)
+    d = sub.add_parser("doctor", help="environment, devices, package versions and cached weights")
+    d.set_defaults(func=_cmd_doctor)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("ovseg: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as e:
-        print(f"ovseg: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"ovseg: error: {msg}", file=sys.stderr)
         return 2

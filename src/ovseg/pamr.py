@@ -50,6 +50,6 @@ def pamr(image: torch.Tensor, mask: torch.Tensor, *, steps: int = 10, dilations:
         mp = F.pad(mask, (pad,) * 4, mode="replicate")
         out = torch.zeros_like(mask)
         for k, o in enumerate(offs):
-            out += aff[:, k:k + 1] * _shifted(mp, pad, o, h, w)
+            out.addcmul_(aff[:, k:k + 1], _shifted(mp, pad, o, h, w))  # in place: no per-neighbour temporary
         mask = out
     return mask

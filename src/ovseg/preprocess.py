@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
+from .errors import PathNotFoundError
 
-__all__ = ["load_image", "to_rgb_tensor", "rescale_size", "resize_image", "normalize_clip", "is_batch"]
+__all__ = ["load_image", "rescale_size", "resize_image", "normalize_clip", "is_batch"]
 
 
 def _pil_to_rgb_array(img) -> np.ndarray:
@@ -32,7 +33,7 @@ def _pil_to_rgb_array(img) -> np.ndarray:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.array(img.convert("RGB"), dtype=np.uint8)  # writable copy
 
 
 def load_image(source: Any) -> Union[np.ndarray, torch.Tensor]:
@@ -46,7 +47,7 @@ def load_image(source: Any) -> Union[np.ndarray, torch.Tensor]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(os.path.expanduser(str(source)))
         if not path.is_file():
-            raise FileNotFoundError(f"image file not found: '{source}'")
+            raise PathNotFoundError(f"image file not found: '{source}'")
         try:
             with Image.open(path) as img:
                 img.load()
@@ -90,25 +91,21 @@ def is_batch(images: Any) -> bool:
     return isinstance(images, (list, tuple)) or (isinstance(images, torch.Tensor) and images.dim() == 4)
 
 
-def to_rgb_tensor(image: Union[np.ndarray, torch.Tensor]) -> Tuple[torch.Tensor, bool]:
-    """(3, H, W) float32 on the 0-255 scale, and whether it came from uint8 (then resizes re-quantise)."""
-    if isinstance(image, np.ndarray):
-        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float(), True
-    return image * 255.0, False
-
-
 def rescale_size(height: int, width: int, short_side: int, long_max: int = 2048) -> Tuple[int, int]:
     """mmcv ``rescale_size`` for ``Resize(scale=(long_max, short_side), keep_ratio=True)``: round half up."""
     scale = min(long_max / max(height, width), short_side / min(height, width))
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def resize_image(img: torch.Tensor, size: Tuple[int, int], *, quantize: bool) -> torch.Tensor:
-    """Bilinear resize (half-pixel centres, no antialias, like cv2 INTER_LINEAR); uint8 sources are re-quantised."""
+def resize_image(img: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a (3, H, W) image, half-pixel centres, no antialias (cv2 INTER_LINEAR's geometry).
+
+    uint8 images are resized in PyTorch's fixed-point uint8 path, so the result is re-quantised like mmcv's
+    resize of uint8 images (within ±1 grey level of cv2) and no full-size float copy is made.
+    """
     if tuple(img.shape[-2:]) == tuple(size):
         return img
-    out = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
-    return out.round().clamp(0, 255) if quantize else out
+    return F.interpolate(img[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=False)[0]
 
 
 def normalize_clip(img255: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,10 @@ from .attention import get_attention
 from .backbones import create_clip, create_vfm
 from .config import CLIP_MEAN, CLIP_STD, PRECISIONS
 from .methods import MethodCfg, get_method
-from .pamr import pamr
-from .preprocess import is_batch, load_image, normalize_clip, rescale_size, resize_image, to_rgb_tensor
+from .preprocess import is_batch, load_image, normalize_clip, rescale_size, resize_image
 from .result import SegmentationResult
 from .sliding import slide_inference, window_grid
+from .tiling import pamr_rows, resize_rows, row_bands
 from .text import LabelSet, TextClassifier, get_templates, parse_labels
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class Segmenter:
         if self.cfg.vfm is not None:
             self.vfm = create_vfm(self.cfg.vfm, vfm_weights, seed=seed, **(vfm_kwargs or {})).to(self.device)
         self.text = TextClassifier(self.clip)
+        self.band_pixels = 1 << 21  # full-resolution post-processing works on bands of at most this many pixels
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -171,27 +172,34 @@ class Segmenter:
         return fn
 
     # ------------------------------------------------------------------ inference
-    @torch.inference_mode()
-    def predict_logits(self, images: Sequence[Any], labels: Union[LabelSet, Sequence], *,
-                       progress: bool = False) -> List[Dict[str, Any]]:
-        """Per image: raw cosine logits (Q, H0, W0) at the input size (after PAMR when enabled) and its RGB."""
-        labelset = parse_labels(labels)
+    def _prepare(self, src: Any):
+        """One image -> (RGB for pictures: uint8 (H0, W0, 3) numpy, CLIP-normalised resized (3, H, W) tensor)."""
+        rgb = load_image(src)
+        if isinstance(rgb, np.ndarray):
+            h0, w0 = rgb.shape[:2]
+            if not rgb.flags.writeable:
+                rgb = rgb.copy()
+            img = torch.from_numpy(rgb).permute(2, 0, 1)  # uint8 view, no full-size float copy
+        else:
+            h0, w0 = rgb.shape[-2:]
+            img = rgb * 255.0
+        size = (h0, w0)
+        if self.cfg.short_side is not None:
+            size = rescale_size(h0, w0, self.cfg.short_side, self.cfg.long_max)
+        ph, pw = self.clip.patch_size
+        if size[0] < ph or size[1] < pw:
+            raise ValueError(f"image of size {h0}x{w0} is too small or too elongated: resized to "
+                             f"{size[0]}x{size[1]}, smaller than one {ph}x{pw} CLIP patch")
+        x = normalize_clip(resize_image(img.to(self.device), size).float())
+        if not isinstance(rgb, np.ndarray):
+            rgb = (rgb * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        return rgb, x
+
+    def _infer(self, images: Sequence[Any], labelset: LabelSet, progress: bool):
+        """Window-averaged cosine logits (Q, H, W) at each image's resized resolution."""
         text = self.text(labelset.queries, self.templates, device=self.device)
-        loaded, inputs = [], []
-        for src in images:
-            rgb = load_image(src)
-            img255, quantize = to_rgb_tensor(rgb)
-            h0, w0 = img255.shape[-2:]
-            size = (h0, w0)
-            if self.cfg.short_side is not None:
-                size = rescale_size(h0, w0, self.cfg.short_side, self.cfg.long_max)
-            ph, pw = self.clip.patch_size
-            if size[0] < ph or size[1] < pw:
-                raise ValueError(f"image of size {h0}x{w0} is too small or too elongated: resized to "
-                                 f"{size[0]}x{size[1]}, smaller than one {ph}x{pw} CLIP patch")
-            x = normalize_clip(resize_image(img255.to(self.device), size, quantize=quantize))
-            loaded.append(rgb)
-            inputs.append(x)
+        prepared = [self._prepare(src) for src in images]
+        inputs = [x for _, x in prepared]
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -204,15 +212,31 @@ class Segmenter:
                                  progress=bar.update if bar is not None else None)
         if bar is not None:
             bar.close()
-        out = []
-        for rgb, x, lg in zip(loaded, inputs, logits):
-            h0, w0 = (rgb.shape[:2] if isinstance(rgb, np.ndarray) else rgb.shape[-2:])
-            lg = F.interpolate(lg[None], size=(h0, w0), mode="bilinear", align_corners=False)
+        return [(rgb, x, lg) for (rgb, x), lg in zip(prepared, logits)]
+
+    def _finish(self, rgb: np.ndarray, x: torch.Tensor, lg: torch.Tensor, labelset: LabelSet, threshold: float,
+                return_logits: bool) -> SegmentationResult:
+        """Resize to the input size, PAMR, softmax/synonyms/argmax — one band of rows at a time (``ovseg.tiling``)."""
+        h0, w0 = rgb.shape[:2]
+        label_map = np.empty((h0, w0), dtype=np.int32)
+        probs = np.empty((labelset.num_classes, h0, w0), dtype=np.float32)
+        logits = np.empty((len(labelset.queries), h0, w0), dtype=np.float32) if return_logits else None
+        pixels = self.band_pixels
+        if self.cfg.pamr_steps > 0:  # PAMR bands carry steps·max(d) halo rows on each side: keep them <= 1/2 of it
+            pixels = max(pixels, 4 * self.cfg.pamr_steps * max(self.cfg.pamr_dilations) * w0)
+        for r0, r1 in row_bands(h0, w0, pixels):
             if self.cfg.pamr_steps > 0:
-                img = F.interpolate(x[None], size=(h0, w0), mode="bilinear", align_corners=False)
-                lg = pamr(img, lg, steps=self.cfg.pamr_steps, dilations=self.cfg.pamr_dilations)
-            out.append({"logits": lg[0], "rgb": rgb})
-        return out
+                band = pamr_rows(x, lg, (h0, w0), r0, r1, steps=self.cfg.pamr_steps, dilations=self.cfg.pamr_dilations)
+            else:
+                band = resize_rows(lg, (h0, w0), r0, r1)
+            labels, scores = postprocess(band, labelset.query_class, labelset.num_classes,
+                                         logit_scale=self.cfg.logit_scale, threshold=threshold)
+            label_map[r0:r1] = labels.cpu().numpy()
+            probs[:, r0:r1] = (scores / scores.sum(dim=0, keepdim=True)).cpu().numpy()
+            if logits is not None:
+                logits[:, r0:r1] = band.cpu().numpy()
+        return SegmentationResult(label_map=label_map, probs=probs, labels=list(labelset.names), image=rgb,
+                                  logits=logits, queries=list(labelset.queries))
 
     def predict(
         self,
@@ -230,32 +254,18 @@ class Segmenter:
             labels: list of class names; ``"sofa; couch"`` or ``["sofa", "couch"]`` gives synonyms.
             threshold: pixels whose best class probability is below it go to ``labels[0]`` (the references'
                 ``prob_thd``; default: the method's, 0).
-            return_logits: also keep the per-query cosine logits.
+            return_logits: also keep the per-query cosine logits (Q, H, W) (after PAMR when enabled).
+            progress: show a progress bar over windows.
         """
         batch = is_batch(image)
         images = list(image) if batch else [image]
         if not images:
             raise ValueError("no images given (empty list)")
         labelset = parse_labels(labels)
-        thd = self.cfg.threshold if threshold is None else float(threshold)
-        if not 0.0 <= thd <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
-        results = []
+        thd = self.cfg.threshold if threshold is None else threshold
+        if isinstance(thd, bool) or not isinstance(thd, (int, float)) or not 0.0 <= float(thd) <= 1.0:
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
         with torch.inference_mode():
-            for item in self.predict_logits(images, labelset, progress=progress):
-                lg = item["logits"]
-                label_map, scores = postprocess(lg, labelset.query_class, labelset.num_classes,
-                                                logit_scale=self.cfg.logit_scale, threshold=thd)
-                probs = scores / scores.sum(dim=0, keepdim=True)
-                rgb = item["rgb"]
-                if not isinstance(rgb, np.ndarray):
-                    rgb = (rgb * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-                results.append(SegmentationResult(
-                    label_map=label_map.to(torch.int32).cpu().numpy(),
-                    probs=probs.float().cpu().numpy(),
-                    labels=list(labelset.names),
-                    image=rgb,
-                    logits=lg.float().cpu().numpy() if return_logits else None,
-                    queries=list(labelset.queries),
-                ))
+            results = [self._finish(rgb, x, lg, labelset, float(thd), return_logits)
+                       for rgb, x, lg in self._infer(images, labelset, progress)]
         return results if batch else results[0]

@@ -9,18 +9,17 @@ from typing import Dict, Iterator, Optional, Union
 
 import torch
 
-__all__ = ["WeightsUnavailableError", "load_state_dict_file", "seeded", "resolve_path", "is_torchscript_archive"]
+from .errors import PathNotFoundError, WeightsUnavailableError
 
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be obtained (no network, offline mode, missing cache)."""
+__all__ = ["WeightsUnavailableError", "load_state_dict_file", "seeded", "resolve_path", "is_torchscript_archive",
+           "muted_root_logger"]
 
 
 def resolve_path(path: Union[str, os.PathLike], option: str) -> Path:
     """Expand ``~`` and check the file exists; FileNotFoundError names the option that took it."""
     p = Path(os.path.expanduser(str(path)))
     if not p.exists():
-        raise FileNotFoundError(f"{option}: checkpoint file not found: '{path}'")
+        raise PathNotFoundError(f"{option}: checkpoint file not found: '{path}'")
     return p
 
 
@@ -65,6 +64,21 @@ def load_state_dict_file(path: Union[str, os.PathLike], *, option: str = "weight
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+@contextlib.contextmanager
+def muted_root_logger() -> Iterator[None]:
+    """Drop records that libraries log straight to the root logger (open_clip logs download failures and
+    "initialized randomly" there) while ovseg raises or states something clearer itself."""
+    import logging
+
+    root = logging.getLogger()
+    drop = lambda record: False  # noqa: E731
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 @contextlib.contextmanager

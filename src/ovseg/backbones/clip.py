@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .._registry import suggest
 from ..attention import AttentionStrategy
 from ..pos_embed import interpolate_pos_embed
-from ..weights import WeightsUnavailableError, load_state_dict_file, resolve_path, seeded
+from ..weights import WeightsUnavailableError, load_state_dict_file, muted_root_logger, resolve_path, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +263,9 @@ def create_clip(
         quick_gelu = bool((open_clip.get_pretrained_cfg(arch, weights) or {}).get("quick_gelu", False))
         logger.info("loading CLIP %s / %s", arch, weights)
         try:
-            model = open_clip.create_model(arch, pretrained=weights, force_quick_gelu=quick_gelu,
-                                           cache_dir=cache_dir, **kwargs)
+            with muted_root_logger():
+                model = open_clip.create_model(arch, pretrained=weights, force_quick_gelu=quick_gelu,
+                                               cache_dir=cache_dir, **kwargs)
         except Exception as e:  # download impossible: offline, no cache, hub error
             raise WeightsUnavailableError(
                 f"could not load CLIP '{arch}' weights '{weights}' ({type(e).__name__}). Download "
@@ -285,7 +286,7 @@ def create_clip(
         )
 
     if desc == "random" or state_dict is not None:
-        with seeded(seed):
+        with seeded(seed), muted_root_logger():  # open_clip warns "initialized randomly" on the root logger
             model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu, **kwargs)
     if state_dict is not None:
         for key in _OPENAI_EXTRA_KEYS:

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..weights import WeightsUnavailableError, seeded
+from ..errors import PathNotFoundError, WeightsUnavailableError
+from ..weights import seeded
 from .base import VFM, register_vfm
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def build_sd(*, repo_id: str, unet: Dict[str, Any], vae: Dict[str, Any], weights
             pipe = StableDiffusionPipeline.from_single_file(str(path))
             vae_m, unet_m, tok, text = pipe.vae, pipe.unet, pipe.tokenizer, pipe.text_encoder
         else:
-            raise FileNotFoundError(f"vfm_weights: SD folder or file not found: '{weights}'")
+            raise PathNotFoundError(f"vfm_weights: SD folder or file not found: '{weights}'")
         prompt = _empty_prompt(tok, text)
         del text
     vae_m.decoder = None  # only the encoder is used

@@ -1,0 +1,50 @@
+"""Peak memory of one prediction on a large image (random weights of the real architectures).
+
+    python benchmarks/large_image.py --method naclip --size 8000x6000
+    python benchmarks/large_image.py --method proxyclip --size 1024x768
+
+Prints the peak resident memory of the process (ru_maxrss) after building the models and after the prediction,
+and the sizes of the unavoidable input/output arrays, so the overhead beyond them can be read off.
+"""
+import argparse
+import resource
+import time
+
+import numpy as np
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", default="naclip")
+    ap.add_argument("--size", default="8000x6000", help="WIDTHxHEIGHT")
+    ap.add_argument("--labels", type=int, default=4)
+    ap.add_argument("--precision", default="fp32")
+    args = ap.parse_args()
+    from ovseg import Segmenter
+
+    w, h = (int(v) for v in args.size.split("x"))
+    kw = dict(clip_weights="random", templates="single", precision=args.precision)
+    if args.method == "proxyclip":
+        kw["vfm_weights"] = "random"
+    seg = Segmenter(args.method, **kw)
+    labels = [f"class {i}" for i in range(args.labels)]
+    seg.text_embeddings(labels)
+    built = rss_mb()
+    img = np.random.RandomState(0).randint(0, 255, (h, w, 3), dtype=np.uint8)
+    t = time.perf_counter()
+    res = seg.predict(img, labels)
+    dt = time.perf_counter() - t
+    io_mb = (img.nbytes + res.probs.nbytes + res.label_map.nbytes) / 2**20
+    peak = rss_mb()
+    print(f"{args.method} {w}x{h}, {args.labels} labels, {args.precision}: {dt:.1f} s")
+    print(f"peak RSS after building models: {built:.0f} MB; after predict: {peak:.0f} MB")
+    print(f"input + outputs (uint8 image, float32 probs, int32 labels): {io_mb:.0f} MB; "
+          f"peak beyond models + I/O arrays: {peak - built - io_mb:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
