@@ -178,8 +178,10 @@ def test_bad_inputs(segmenters):
         seg.predict(torch.full((3, 40, 40), float("nan")), LABELS)
     with pytest.raises(TypeError, match="float32|uint8"):
         seg.predict(np.zeros((50, 50, 3), np.float32), LABELS)
-    with pytest.raises(ValueError, match="smaller than one"):
+    with pytest.raises(ValueError, match="size 1x3000 .*smaller than one"):
         seg.predict(np.zeros((1, 3000, 3), np.uint8), LABELS)
+    with pytest.raises(ValueError, match="threshold .* 1.5"):
+        seg.predict(np.zeros((50, 50, 3), np.uint8), LABELS, threshold=1.5)
 
 
 @pytest.mark.slow
