@@ -1,4 +1,4 @@
-"""``ovseg`` command line: ``predict``, ``list``, ``doctor`` (and ``eval`` when available).
+"""``ovseg`` command line: ``predict``, ``list``, ``doctor``, ``eval``, ``convert-coco-object``.
 
 Errors from bad input print one line on stderr and exit with code 2.
 """
@@ -245,10 +245,65 @@ def _known_weights():
     return rows
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.datasets import get_dataset_spec
+    from .eval.runner import init_distributed, read_roots, run_eval, run_suite
+
+    if args.suite is None and (args.dataset is None or args.root is None):
+        raise ValueError("give --dataset NAME --root PATH, or --suite paper --roots roots.toml")
+    if args.suite is not None and args.roots is None:
+        raise ValueError("--suite paper needs --roots roots.toml (dataset = \"/path/to/root\" per line)")
+    if args.dataset is not None:
+        get_dataset_spec(args.dataset)  # validate the name before loading any model
+    roots = read_roots(args.roots) if args.suite else None
+    rank, world, device = init_distributed(args.device)
+    args.device = device
+    from .segmenter import Segmenter
+
+    seg = Segmenter(args.method, clip=args.clip, clip_weights=args.clip_weights, vfm=args.vfm,
+                    vfm_weights=args.vfm_weights, device=args.device, precision=args.precision,
+                    batch_size=args.batch_size, pamr_steps=args.pamr_steps, templates=_templates(args.templates))
+    overrides = {"window": args.window, "stride": args.stride, "short_side": args.short_side,
+                 "threshold": args.threshold}
+    common = dict(out_dir=args.out, resume=args.resume, limit=args.limit, strict_ignore=args.strict_ignore,
+                  overrides=overrides, progress=not args.quiet, rank=rank, world=world)
+    try:
+        if args.suite:
+            suite = run_suite(seg, roots, **common)
+            if suite is not None:
+                print(suite["markdown"])
+        else:
+            r = run_eval(seg, args.dataset, args.root, **common)
+            if r is not None:
+                m = r["metrics"]
+                pub = r.get("published")
+                extra = f" | published {pub['mIoU']:.2f} ({pub['source']}), diff {pub['diff']:+.2f}" if pub and \
+                    pub["diff"] is not None else ""
+                print(f"{args.dataset} {r['method']}: mIoU {m['mIoU']} | mAcc {m['mAcc']} | aAcc {m['aAcc']}{extra}")
+                if args.out:
+                    print(f"wrote {args.out}/{args.dataset}_{r['method']}.json and .md", file=sys.stderr)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return 0
+
+
+def _cmd_convert_coco_object(args: argparse.Namespace) -> int:
+    from .eval.coco_object import convert_coco_object
+
+    n = convert_coco_object(args.root, splits=args.splits, out_dir=args.out, progress=not args.quiet)
+    print(f"wrote {n} COCO-Object label maps (*_instanceTrainIds.png)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovseg", description="Training-free open-vocabulary semantic segmentation.")
     parser.add_argument("--version", action="version", version=f"ovseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{predict,list,doctor}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{predict,list,doctor,eval,convert-coco-object}")
     p = sub.add_parser("predict", help="segment images with a list of words",
                        description="Segment images (files, folders or globs) with any labels.")
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
@@ -265,6 +320,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_list)
     d = sub.add_parser("doctor", help="environment, devices, package versions and cached weights")
     d.set_defaults(func=_cmd_doctor)
+    e = sub.add_parser("eval", help="mIoU on a benchmark (or the papers' suite), single process or torchrun",
+                       description="Evaluate a method with the reference settings of each dataset. Under torchrun "
+                                   "the dataset is sharded over processes.")
+    e.add_argument("--dataset", default=None, help="voc21, voc20, context60, context59, coco_object, coco_stuff, "
+                                                   "cityscapes, ade20k, ade847, pc459")
+    e.add_argument("--root", default=None, help="the dataset folder, prepared as MMSegmentation does")
+    e.add_argument("--suite", default=None, choices=["paper"], help="the eight datasets of the papers' tables")
+    e.add_argument("--roots", default=None, help="roots.toml: one 'dataset = \"path\"' line per dataset")
+    e.add_argument("--out", default=None, help="folder for <dataset>_<method>.json/.md and predicted PNGs")
+    e.add_argument("--resume", action="store_true", help="reuse predictions already written under --out")
+    e.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests)")
+    e.add_argument("--strict-ignore", action="store_true",
+                   help="also ignore labels outside [0, C) (the references count them, METHODS_SPEC §7 B12)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_args(e)
+    e.set_defaults(func=_cmd_eval)
+    c = sub.add_parser("convert-coco-object", help="make COCO-Object labels from COCO-Stuff-164k")
+    c.add_argument("root", help="the coco_stuff164k folder (annotations/<split>/*.png)")
+    c.add_argument("--splits", nargs="+", default=["val2017"])
+    c.add_argument("--out", default=None, help="output root (default: the same folder)")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_cmd_convert_coco_object)
     return parser
 
 

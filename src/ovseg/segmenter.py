@@ -138,6 +138,17 @@ class Segmenter:
             self.vfm.to(self.device)
         return self
 
+    def configure(self, **options: Any) -> "Segmenter":
+        """Change inference options (``window``, ``stride``, ``short_side``, ``threshold``, ``logit_scale``,
+        ``pamr_steps``, ``templates``, ...) without reloading any model; ``window=0`` selects whole-image mode."""
+        fixed = sorted({"clip", "clip_weights", "vfm"} & set(options))
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot be changed by configure(); build a new Segmenter")
+        self.cfg = self.cfg.replace(**options)
+        self.strategy = get_attention(self.cfg.attention)
+        self.templates = get_templates(self.cfg.templates)
+        return self
+
     def _autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()

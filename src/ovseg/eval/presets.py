@@ -1,0 +1,102 @@
+"""Per-method, per-dataset evaluation settings exactly as the reference configs (METHODS_SPEC.md §6.1, §6.2, §5).
+
+Each repository ships its own class-name files (they differ: NACLIP/SCLIP add synonyms for person and tvmonitor
+and split on ", ", ProxyCLIP splits on "; " and uses ADE-847's comma-separated names whole). They live in
+``ovseg/eval/classes``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Dict, List, Optional, Tuple
+
+from ..text import LabelSet
+
+__all__ = ["EvalPreset", "get_eval_preset", "read_class_file", "HARNESS"]
+
+
+@dataclass(frozen=True)
+class EvalPreset:
+    class_file: str  # path inside ovseg/eval/classes
+    separator: Optional[str]  # synonym separator of the reference repo; None: each line is one name
+    short_side: int
+    window: Optional[int]  # None: whole image
+    stride: Optional[int]
+    threshold: float = 0.0
+    logit_scale: float = 40.0
+    note: str = ""
+
+
+def _p(cls, sep, short, window, stride, thd=0.0, scale=40.0, note=""):
+    return EvalPreset(cls, sep, short, window, stride, thd, scale, note)
+
+
+_PROXY = "; "
+_NAC = ", "
+PROXYCLIP: Dict[str, EvalPreset] = {
+    "voc21": _p("proxyclip/voc21.txt", _PROXY, 336, 336, 112, 0.2),
+    "context60": _p("shared_context60.txt", _PROXY, 336, 336, 112, 0.15),
+    "coco_object": _p("proxyclip/coco_object.txt", _PROXY, 336, 336, 112, 0.25),
+    "voc20": _p("proxyclip/voc20.txt", _PROXY, 336, 336, 112),
+    "context59": _p("shared_context59.txt", _PROXY, 336, 336, 112),
+    "coco_stuff": _p("shared_coco_stuff.txt", _PROXY, 336, 336, 112),
+    "cityscapes": _p("shared_city_scapes.txt", _PROXY, 448, 224, 112,
+                     note="the code uses 224 windows for Cityscapes (the paper says 336)"),
+    "ade20k": _p("shared_ade20k.txt", _PROXY, 448, 336, 112),
+    "pc459": _p("proxyclip/context459.txt", _PROXY, 448, 336, 112),
+    "ade847": _p("proxyclip/ade847.txt", None, 448, 336, 112, note="comma-separated names used whole"),
+}
+NACLIP: Dict[str, EvalPreset] = {
+    "voc21": _p("naclip/voc21.txt", _NAC, 336, None, None, 0.1, note="whole-image inference"),
+    "context60": _p("shared_context60.txt", _NAC, 336, 224, 112, 0.1),
+    "coco_object": _p("naclip/coco_object.txt", _NAC, 336, 224, 112, 0.1),
+    "voc20": _p("naclip/voc20.txt", _NAC, 336, None, None, note="whole-image inference"),
+    "cityscapes": _p("shared_city_scapes.txt", _NAC, 560, 224, 112),
+    "context59": _p("shared_context59.txt", _NAC, 336, 224, 112),
+    "ade20k": _p("shared_ade20k.txt", _NAC, 336, 224, 112),
+    "coco_stuff": _p("shared_coco_stuff.txt", _NAC, 336, 224, 112, note="NACLIP v2 (v1 used a 448 short side)"),
+}
+SCLIP: Dict[str, EvalPreset] = {
+    "voc21": _p("naclip/voc21.txt", _NAC, 336, 224, 112, 0.1, 65.0, note="SCLIP's area filter is not applied"),
+    "context60": _p("shared_context60.txt", _NAC, 336, 224, 112, 0.1, 50.0),
+    "coco_object": _p("naclip/coco_object.txt", _NAC, 336, 224, 112, 0.1, 50.0),
+    "voc20": _p("naclip/voc20.txt", _NAC, 336, 224, 112),
+    "cityscapes": _p("shared_city_scapes.txt", _NAC, 560, 224, 112),
+    "context59": _p("shared_context59.txt", _NAC, 336, 224, 112),
+    "ade20k": _p("shared_ade20k.txt", _NAC, 336, 224, 112),
+    "coco_stuff": _p("shared_coco_stuff.txt", _NAC, 448, 224, 112),
+}
+# The SCLIP/NACLIP harness (224/112 windows, SCLIP's class files) for the baselines, with their own logit scale.
+BASELINE: Dict[str, EvalPreset] = {k: EvalPreset(v.class_file, v.separator, v.short_side, v.window, v.stride,
+                                                 v.threshold, 40.0, v.note) for k, v in SCLIP.items()}
+
+HARNESS = {"proxyclip": PROXYCLIP, "naclip": NACLIP, "sclip": SCLIP, "clearclip": BASELINE, "maskclip": BASELINE,
+           "clip": BASELINE}
+
+
+def get_eval_preset(method: str, dataset: str) -> EvalPreset:
+    table = HARNESS.get(method, BASELINE)
+    if dataset not in table:
+        raise ValueError(f"method '{method}' has no reference settings for dataset '{dataset}'; "
+                         f"it has: {', '.join(table)}")
+    return table[dataset]
+
+
+def read_class_file(name: str, separator: Optional[str]) -> LabelSet:
+    """Parse a reference class file like the references: line i is class i, split on ``separator``, only the
+    newline removed (the tokenizer cleans the rest)."""
+    text = resources.files("ovseg.eval").joinpath("classes", name).read_text(encoding="utf-8")
+    names: List[str] = []
+    queries: List[str] = []
+    query_class: List[int] = []
+    for c, line in enumerate(text.split("\n")):
+        syns = line.split(separator) if separator else [line]
+        names.append(syns[0].strip())
+        for s in syns:
+            queries.append(s)
+            query_class.append(c)
+    return LabelSet(tuple(names), tuple(queries), tuple(query_class))
+
+
+def preset_summary(method: str) -> List[Tuple[str, EvalPreset]]:
+    return list(HARNESS.get(method, BASELINE).items())

@@ -1,0 +1,70 @@
+"""Published mIoU (%) to compare against: ProxyCLIP (ECCV'24) Tables 1-3 and NACLIP (WACV'25) Tables 1-2, from
+``shared/seeds``. Keys: (method, CLIP architecture, VFM or None, PAMR on)."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+__all__ = ["PUBLISHED", "published_for", "PAPER_DATASETS"]
+
+PAPER_DATASETS = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k")
+_PX = ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k")
+_NA = ("voc21", "context60", "coco_object", "voc20", "cityscapes", "context59", "ade20k", "coco_stuff")
+
+
+def _row(order, values, source):
+    return {"source": source, "miou": dict(zip(order, values))}
+
+
+T1 = "ProxyCLIP Table 1"
+T2 = "ProxyCLIP Table 2"
+T3 = "ProxyCLIP Table 3"
+N1 = "NACLIP Table 1"
+PUBLISHED: Dict[Tuple[str, str, Optional[str], bool], dict] = {
+    ("proxyclip", "ViT-B-16", "dino_b8", False): _row(_PX, (61.3, 35.3, 37.5, 80.3, 39.1, 26.5, 38.1, 20.2), T1),
+    ("proxyclip", "ViT-L-14", "dino_b8", False): _row(_PX, (60.6, 34.5, 39.2, 83.2, 37.7, 25.6, 40.1, 22.6), T1),
+    ("proxyclip", "ViT-H-14", "dino_b8", False): _row(_PX, (65.0, 35.4, 38.6, 83.3, 39.6, 26.8, 42.0, 24.2), T1),
+    ("proxyclip", "ViT-B-16", "mae_b16", False): _row(_PX, (52.2, 30.4, 30.8, 76.3, 33.5, 23.1, 30.1, 17.1), T2),
+    ("proxyclip", "ViT-B-16", "sam_b16", False): _row(_PX, (59.3, 33.6, 35.4, 80.4, 37.0, 25.0, 37.0, 19.1), T2),
+    ("proxyclip", "ViT-B-16", "sd15", False): _row(_PX, (60.3, 34.7, 36.5, 82.0, 38.2, 25.9, 37.7, 19.6),
+                                                   T2 + " (SD version not stated)"),
+    ("proxyclip", "ViT-B-16", "dinov2_b14_reg", False): _row(_PX, (58.6, 33.8, 37.4, 83.0, 37.2, 25.4, 33.9, 19.7),
+                                                             T2),
+    ("proxyclip", "ViT-B-16", "dino_b16", False): _row(_PX, (59.3, 34.4, 36.2, 79.7, 38.1, 25.7, 36.0, 19.4), T2),
+    ("proxyclip", "ViT-B-16", "dino_s16", False): _row(_PX, (59.1, 34.2, 35.8, 79.8, 37.9, 25.6, 35.8, 19.2), T3),
+    ("proxyclip", "ViT-B-16", "dino_s8", False): _row(_PX, (60.0, 34.7, 36.9, 79.6, 38.5, 26.2, 37.7, 19.9), T3),
+    ("proxyclip", "ViT-H-14", "mae_b16", False): _row(_PX, (54.7, 29.8, 32.2, 80.6, 32.9, 21.8, 34.9, 19.4), T2),
+    ("proxyclip", "ViT-H-14", "sam_b16", False): _row(_PX, (63.5, 34.1, 36.7, 84.0, 37.9, 25.0, 41.1, 22.0), T2),
+    ("proxyclip", "ViT-H-14", "sd15", False): _row(_PX, (62.8, 34.6, 34.7, 84.9, 38.5, 26.2, 41.5, 22.9),
+                                                   T2 + " (SD version not stated)"),
+    ("proxyclip", "ViT-H-14", "dinov2_b14_reg", False): _row(_PX, (61.5, 34.0, 37.3, 86.1, 37.8, 26.2, 37.8, 23.4),
+                                                             T2),
+    ("proxyclip", "ViT-H-14", "dino_b16", False): _row(_PX, (62.9, 34.7, 37.8, 83.7, 38.7, 26.4, 38.6, 23.5), T2),
+    ("proxyclip", "ViT-H-14", "dino_s16", False): _row(_PX, (62.8, 34.5, 37.5, 83.8, 38.4, 26.1, 38.6, 23.1), T3),
+    ("proxyclip", "ViT-H-14", "dino_s8", False): _row(_PX, (63.5, 34.8, 38.0, 82.2, 38.9, 26.3, 41.7, 23.9), T3),
+    ("naclip", "ViT-B-16", None, True): _row(_NA, (64.1, 35.0, 36.2, 83.0, 38.3, 38.4, 19.1, 25.7), N1),
+    ("naclip", "ViT-B-16", None, False): _row(_NA, (58.9, 32.2, 33.2, 79.7, 35.5, 35.2, 17.4, 23.3),
+                                              N1 + " (w/o post-processing)"),
+    ("naclip", "ViT-B-32", None, True): {"source": "NACLIP Table 2", "miou": {"voc21": 54.8, "context59": 34.9}},
+    ("naclip", "ViT-L-14", None, True): {"source": "NACLIP Table 2", "miou": {"voc21": 57.9, "context59": 36.4}},
+    ("sclip", "ViT-B-16", None, False): _row(_NA, (59.1, 30.4, 30.5, 80.4, 32.2, 34.2, 16.1, 22.4), N1),
+    ("sclip", "ViT-B-16", None, True): _row(_NA, (61.7, 31.5, 32.1, 83.5, 34.1, 36.1, 17.8, 23.9),
+                                            N1 + " (SCLIP with PAMR)"),
+    ("sclip", "ViT-L-14", None, False): _row(_PX, (43.5, 22.3, 25.0, 69.1, 25.2, 17.6, 18.6, 10.9), T1),
+    ("sclip", "ViT-H-14", None, False): _row(_PX, (43.8, 23.5, 24.6, 67.5, 25.6, 16.8, 19.5, 11.3), T1),
+    ("maskclip", "ViT-B-16", None, False): _row(_NA, (43.4, 23.2, 20.6, 74.9, 24.9, 26.4, 11.9, 16.7), N1),
+    ("maskclip", "ViT-L-14", None, False): _row(_PX, (23.3, 11.7, 7.2, 29.4, 12.4, 8.8, 11.5, 7.2), T1),
+    ("maskclip", "ViT-H-14", None, False): _row(_PX, (31.4, 13.3, 16.2, 41.7, 15.8, 8.4, 17.7, 10.4), T1),
+    ("clip", "ViT-B-16", None, False): _row(_NA, (18.6, 7.8, 6.5, 49.1, 6.7, 11.2, 3.2, 5.7), N1),
+    ("clip", "ViT-L-14", None, False): _row(_PX, (8.2, 4.1, 2.7, 15.6, 4.4, 2.4, 2.5, 1.7), T1),
+    ("clip", "ViT-H-14", None, False): _row(_PX, (8.8, 5.0, 5.3, 21.7, 5.5, 3.2, 4.3, 2.8), T1),
+}
+
+
+def published_for(method: str, clip: str, vfm: Optional[str], pamr: bool) -> Optional[dict]:
+    """The published row for this configuration, if the papers report it, with the CLIP weights it used
+    (OpenAI for ViT-B/16, B/32 and L/14; LAION-2B ``laion2b_s32b_b79k`` for ViT-H/14)."""
+    base = clip.replace("-quickgelu", "")
+    row = PUBLISHED.get((method, base, vfm, bool(pamr)))
+    if row is None:
+        return None
+    return dict(row, clip=base, clip_weights="laion2b_s32b_b79k" if base == "ViT-H-14" else "openai")

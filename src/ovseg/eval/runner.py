@@ -1,0 +1,258 @@
+"""Benchmark evaluation: one dataset or the papers' suite, on one device or sharded under ``torchrun``.
+
+Each process takes images ``rank, rank + W, rank + 2W, ...`` (no overlap, no loss), writes its predicted label
+maps as PNG (reused by ``resume``), accumulates an int64 confusion matrix on its device; the matrices are summed
+with ``all_reduce`` (gloo on CPU, nccl on GPU) and only rank 0 writes the JSON and Markdown reports.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .datasets import SegmentationFolder
+from .metrics import ConfusionMatrix
+from .presets import get_eval_preset, read_class_file
+from .published import PAPER_DATASETS, published_for
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["dist_info", "evaluate_dataset", "run_eval", "run_suite", "init_distributed"]
+
+
+def dist_info() -> Tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment (0, 1, 0 without it)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: Optional[str]) -> Tuple[int, int, Optional[str]]:
+    """Initialise torch.distributed under torchrun; returns (rank, world, device to use)."""
+    rank, world, local = dist_info()
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    else:
+        device = "cpu"
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def _save_png(path: Path, label_map: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = label_map.astype(np.uint8 if label_map.max(initial=0) < 256 else np.uint16)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written prediction
+
+
+def _load_png(path: Path) -> Optional[np.ndarray]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.array(im).astype(np.int64)
+    except Exception:
+        return None
+
+
+def evaluate_dataset(seg, dataset: SegmentationFolder, labels, *, pred_dir: Optional[Path] = None,
+                     resume: bool = False, rank: int = 0, world: int = 1, limit: Optional[int] = None,
+                     strict_ignore: bool = False, progress: bool = False) -> Tuple[ConfusionMatrix, int]:
+    """This process's share of the dataset -> (local confusion matrix, number of images evaluated)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    indices = list(range(rank, n, world))
+    cm = ConfusionMatrix(dataset.spec.num_classes, strict_ignore=strict_ignore, device=seg.device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(indices), desc=f"{dataset.spec.name} (rank {rank}/{world})" if world > 1
+                   else dataset.spec.name, unit="img", file=sys.stderr)
+    reused = 0
+    for k, idx in enumerate(indices):
+        sample_id, img_path, _ = dataset.samples[idx]
+        pred = None
+        pred_path = pred_dir / f"{sample_id}.png" if pred_dir is not None else None
+        if resume and pred_path is not None and pred_path.is_file():
+            pred = _load_png(pred_path)
+            reused += pred is not None
+        if pred is None:
+            pred = seg.predict(str(img_path), labels).label_map
+            if pred_path is not None:
+                _save_png(pred_path, pred)
+        gt = dataset.load_label(idx)
+        if pred.shape != gt.shape:
+            raise ValueError(f"{sample_id}: prediction {pred.shape} and ground truth {gt.shape} differ in size")
+        cm.update(torch.from_numpy(pred), torch.from_numpy(gt))
+        if bar is not None:
+            bar.update(1)
+            if k % 5 == 0 or k == len(indices) - 1:
+                bar.set_postfix(mIoU=f"{cm.compute()['mIoU'] or 0:.2f}")
+    if bar is not None:
+        bar.close()
+    if reused:
+        logger.info("reused %d predictions from %s", reused, pred_dir)
+    return cm, len(indices)
+
+
+def _settings(seg) -> Dict[str, Any]:
+    c = seg.cfg
+    return {"short_side": c.short_side, "window": c.window, "stride": c.stride, "pad_multiple": c.pad_multiple,
+            "threshold": c.threshold, "logit_scale": c.logit_scale, "pamr_steps": c.pamr_steps,
+            "templates": c.templates if isinstance(c.templates, str) else list(c.templates),
+            "attention": c.attention, "precision": seg.precision, "batch_size": c.batch_size}
+
+
+def _dataset_options(method: str, dataset: str, overrides: Dict[str, Any]) -> Tuple[Dict[str, Any], Any]:
+    preset = get_eval_preset(method, dataset)
+    opts = {"short_side": preset.short_side, "window": preset.window or 0, "stride": preset.stride,
+            "threshold": preset.threshold, "logit_scale": preset.logit_scale}
+    opts.update({k: v for k, v in overrides.items() if v is not None})
+    return opts, preset
+
+
+def run_eval(seg, dataset_name: str, root: str, *, out_dir: Optional[str] = None, resume: bool = False,
+             limit: Optional[int] = None, strict_ignore: bool = False, overrides: Optional[Dict[str, Any]] = None,
+             progress: bool = True, rank: int = 0, world: int = 1) -> Optional[Dict[str, Any]]:
+    """Evaluate ``seg`` on one dataset with the method's reference settings (``overrides`` on top).
+
+    Returns the result dict on rank 0 (None elsewhere) and writes ``<out>/<dataset>_<method>.json/.md``.
+    """
+    opts, preset = _dataset_options(seg.cfg.name, dataset_name, overrides or {})
+    seg.configure(**opts)
+    labels = read_class_file(preset.class_file, preset.separator)
+    dataset = SegmentationFolder(dataset_name, root)
+    if len(labels.names) != dataset.spec.num_classes:  # pragma: no cover - guarded by the shipped files
+        raise RuntimeError(f"class file {preset.class_file} has {len(labels.names)} classes, "
+                           f"{dataset_name} has {dataset.spec.num_classes}")
+    tag = f"{dataset_name}_{seg.cfg.name}"
+    out = Path(out_dir) if out_dir else None
+    pred_dir = out / "preds" / tag if out else None
+    t0 = time.perf_counter()
+    cm, n_local = evaluate_dataset(seg, dataset, labels, pred_dir=pred_dir, resume=resume, rank=rank, world=world,
+                                   limit=limit, strict_ignore=strict_ignore, progress=progress and rank == 0)
+    cm.all_reduce()
+    n_total = n_local
+    if world > 1:
+        import torch.distributed as dist
+
+        t = torch.tensor([n_local], device=cm.mat.device)
+        dist.all_reduce(t)
+        n_total = int(t.item())
+    if rank != 0:
+        return None
+    metrics = cm.compute(labels.names)
+    pub = published_for(seg.cfg.name, seg.cfg.clip, seg.cfg.vfm, seg.cfg.pamr_steps > 0)
+    result = {
+        "dataset": dataset_name, "root": str(root), "method": seg.cfg.name, "clip": seg.cfg.clip,
+        "clip_weights": seg.clip.weights, "vfm": seg.cfg.vfm, "settings": _settings(seg),
+        "class_file": preset.class_file, "preset_note": preset.note, "num_images": n_total, "world_size": world,
+        "seconds": round(time.perf_counter() - t0, 2), "strict_ignore": strict_ignore, "metrics": metrics,
+        "confusion_matrix": cm.mat.cpu().numpy().tolist(),
+    }
+    if pub and dataset_name in pub["miou"]:
+        result["published"] = {"mIoU": pub["miou"][dataset_name], "source": pub["source"],
+                               "clip_weights": pub["clip_weights"],
+                               "diff": None if metrics["mIoU"] is None else round(metrics["mIoU"] - pub["miou"][dataset_name], 2)}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{tag}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{tag}.md").write_text(markdown_report(result))
+    return result
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def markdown_report(r: Dict[str, Any]) -> str:
+    m = r["metrics"]
+    lines = [f"# {r['method']} on {r['dataset']}", "",
+             f"CLIP `{r['clip']}` ({r['clip_weights']})" + (f", VFM `{r['vfm']}`" if r["vfm"] else "")
+             + f"; {r['num_images']} images; {r['seconds']} s on {r['world_size']} process(es).", "",
+             "| mIoU | mAcc | aAcc | published mIoU | diff |", "|---|---|---|---|---|"]
+    pub = r.get("published")
+    lines.append(f"| {_fmt(m['mIoU'])} | {_fmt(m['mAcc'])} | {_fmt(m['aAcc'])} | "
+                 f"{_fmt(pub['mIoU']) if pub else '-'} | {_fmt(pub['diff']) if pub else '-'} |")
+    if pub:
+        lines += ["", f"Published: {pub['source']} (CLIP weights `{pub['clip_weights']}`)."]
+    s = r["settings"]
+    lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in s.items()) + f"; classes from `{r['class_file']}`"
+              + (f" ({r['preset_note']})" if r.get("preset_note") else ""), "",
+              "| class | IoU | Acc |", "|---|---|---|"]
+    for name, v in m["per_class"].items():
+        lines.append(f"| {name} | {_fmt(v['IoU'])} | {_fmt(v['Acc'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def read_roots(path: str) -> Dict[str, str]:
+    """``roots.toml``: ``voc21 = "/data/VOCdevkit/VOC2012"`` per dataset (top level or under ``[roots]``)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        from ..errors import PathNotFoundError
+
+        raise PathNotFoundError(f"--roots: file not found: '{path}'")
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib  # type: ignore
+    data = tomllib.loads(p.read_text())
+    data = data.get("roots", data)
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def run_suite(seg, roots: Dict[str, str], *, datasets=PAPER_DATASETS, out_dir: Optional[str] = None,
+              **kwargs) -> Optional[Dict[str, Any]]:
+    """The papers' eight benchmarks (those with a root) and a table beside the published numbers."""
+    missing = [d for d in datasets if d not in roots]
+    if missing:
+        raise ValueError(f"roots file has no entry for: {', '.join(missing)} (keys: {', '.join(datasets)})")
+    results = {}
+    for name in datasets:
+        r = run_eval(seg, name, roots[name], out_dir=out_dir, **kwargs)
+        if r is not None:
+            results[name] = r
+    if not results:
+        return None
+    pub = published_for(seg.cfg.name, seg.cfg.clip, seg.cfg.vfm, seg.cfg.pamr_steps > 0)
+    rows = []
+    for name in datasets:
+        ours = results[name]["metrics"]["mIoU"]
+        theirs = pub["miou"].get(name) if pub else None
+        rows.append((name, ours, theirs, None if ours is None or theirs is None else ours - theirs))
+    ours_avg = float(np.mean([r[1] for r in rows])) if all(r[1] is not None for r in rows) else None
+    theirs_avg = float(np.mean([r[2] for r in rows])) if all(r[2] is not None for r in rows) else None
+    rows.append(("average", ours_avg, theirs_avg,
+                 None if ours_avg is None or theirs_avg is None else ours_avg - theirs_avg))
+    suite = {"method": seg.cfg.name, "clip": seg.cfg.clip, "clip_weights": seg.clip.weights, "vfm": seg.cfg.vfm,
+             "published_source": pub["source"] if pub else None,
+             "table": [{"dataset": n, "mIoU": o, "published": t, "diff": d} for n, o, t, d in rows]}
+    md = [f"# {seg.cfg.name} — paper suite", "",
+          f"CLIP `{seg.cfg.clip}` ({seg.clip.weights})" + (f", VFM `{seg.cfg.vfm}`" if seg.cfg.vfm else "")
+          + (f"; published: {pub['source']} (CLIP weights `{pub['clip_weights']}`)" if pub else
+             "; no published row for this configuration"), "",
+          "| dataset | mIoU | published | diff |", "|---|---|---|---|"]
+    md += [f"| {n} | {_fmt(o)} | {_fmt(t)} | {'-' if d is None else f'{d:+.2f}'} |" for n, o, t, d in rows]
+    suite["markdown"] = "\n".join(md) + "\n"
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"suite_{seg.cfg.name}.json").write_text(json.dumps(suite, indent=2))
+        (Path(out_dir) / f"suite_{seg.cfg.name}.md").write_text(suite["markdown"])
+    return suite

@@ -1,0 +1,110 @@
+"""`ovseg eval` end to end with random weights on a synthetic dataset: reports, resume, and a 2-process
+torchrun (gloo, CPU) run equal to the 1-process one."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ovseg.cli import main
+from ovseg.eval.datasets import SegmentationFolder
+from ovseg.eval.metrics import ConfusionMatrix
+
+from .synth import make_dataset
+
+FAST = ["--method", "naclip", "--clip-weights", "random", "--templates", "single", "--short-side", "112",
+        "--pamr-steps", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
+    make_dataset("voc21", root, n=4, size=(40, 52))
+    return root
+
+
+def test_eval_writes_json_markdown_and_matches_predictions(voc, tmp_path, capsys):
+    out = tmp_path / "res"
+    assert main(["eval", "--dataset", "voc21", "--root", str(voc), "--out", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads((out / "voc21_naclip.json").read_text())
+    md = (out / "voc21_naclip.md").read_text()
+    assert "voc21 naclip: mIoU" in printed and "| mIoU | mAcc | aAcc |" in md
+    assert r["num_images"] == 4 and r["settings"]["window"] is None  # NACLIP's VOC21: whole image
+    assert r["settings"]["threshold"] == 0.1 and r["settings"]["short_side"] == 112  # preset + override
+    assert r["published"]["mIoU"] == 64.1 and r["published"]["source"] == "NACLIP Table 1"
+    assert len(r["metrics"]["per_class"]) == 21
+    # the reported metrics are exactly those of the written predictions against the ground truth
+    ds = SegmentationFolder("voc21", str(voc))
+    cm = ConfusionMatrix(21)
+    for i, (sid, _, _) in enumerate(ds.samples):
+        pred = np.array(Image.open(out / "preds" / "voc21_naclip" / f"{sid}.png")).astype(np.int64)
+        cm.update(pred, ds.load_label(i))
+    assert cm.compute()["mIoU"] == r["metrics"]["mIoU"]
+    assert np.array_equal(np.array(r["confusion_matrix"]), cm.mat.numpy())
+
+
+def test_resume_reuses_written_predictions(voc, tmp_path, monkeypatch):
+    out = tmp_path / "res"
+    args = ["eval", "--dataset", "voc21", "--root", str(voc), "--out", str(out), "--limit", "2", *FAST]
+    assert main(args) == 0
+    first = json.loads((out / "voc21_naclip.json").read_text())
+    # an "interrupted" run: one prediction is missing; resume must predict only that one
+    preds = sorted((out / "preds" / "voc21_naclip").glob("*.png"))
+    preds[0].unlink()
+    import ovseg.segmenter as segmod
+
+    calls = []
+    real = segmod.Segmenter.predict
+    monkeypatch.setattr(segmod.Segmenter, "predict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    assert main(args + ["--resume"]) == 0
+    assert len(calls) == 1
+    again = json.loads((out / "voc21_naclip.json").read_text())
+    assert again["metrics"] == first["metrics"] and again["num_images"] == 2
+
+
+def test_eval_errors(voc, tmp_path, capsys):
+    assert main(["eval", "--dataset", "voc12", "--root", str(voc), *FAST]) == 2
+    assert "did you mean 'voc21'" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "voc21", "--root", str(tmp_path / "missing"), *FAST]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert main(["eval", "--suite", "paper", *FAST]) == 2
+    assert "--roots" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "pc459", "--root", str(voc), *FAST]) == 2
+    assert "no reference settings" in capsys.readouterr().err
+
+
+def test_suite_table_with_published_numbers(tmp_path, capsys):
+    roots = {}
+    for name in ("voc21", "context60", "coco_object", "voc20", "context59", "coco_stuff", "cityscapes", "ade20k"):
+        make_dataset(name, tmp_path / name, n=1, size=(36, 40))
+        roots[name] = str(tmp_path / name)
+    (tmp_path / "roots.toml").write_text("\n".join(f'{k} = "{v}"' for k, v in roots.items()))
+    out = tmp_path / "res"
+    assert main(["eval", "--suite", "paper", "--roots", str(tmp_path / "roots.toml"), "--out", str(out), *FAST]) == 0
+    table = capsys.readouterr().out
+    assert "| dataset | mIoU | published | diff |" in table and "| average |" in table
+    assert "| 64.10 |" in table and "| 25.70 |" in table  # NACLIP Table 1 voc21 and coco_stuff
+    suite = json.loads((out / "suite_naclip.json").read_text())
+    assert [r["dataset"] for r in suite["table"]][-1] == "average" and len(suite["table"]) == 9
+
+
+def test_torchrun_two_processes_equal_one(voc, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "ovseg", "eval", "--dataset", "voc21", "--root", str(voc), *FAST]
+    one = subprocess.run(base + ["--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "ovseg", "eval", "--dataset", "voc21", "--root", str(voc), *FAST,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1 = json.loads((tmp_path / "one" / "voc21_naclip.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "voc21_naclip.json").read_text())
+    assert r2["world_size"] == 2 and r2["num_images"] == r1["num_images"] == 4
+    assert r1["confusion_matrix"] == r2["confusion_matrix"]
+    assert r1["metrics"] == r2["metrics"]
+    # each rank wrote its own, disjoint share of the predictions
+    assert len(list((tmp_path / "two" / "preds" / "voc21_naclip").glob("*.png"))) == 4
