@@ -58,7 +58,8 @@ class MethodCfg:
 
     def replace(self, **changes: Any) -> "MethodCfg":
         """A copy with ``changes``; ``None`` values mean "keep the preset's value". Raises on unknown keys
-        or invalid values. ``window=0`` or ``window="whole"`` selects whole-image inference."""
+        or invalid values. ``window=0`` (or ``"whole"``) selects whole-image inference; ``short_side=0`` keeps the
+        input size; ``pad_multiple=0`` disables padding."""
         names = [f.name for f in dataclasses.fields(self) if f.name not in ("name", "description")]
         clean = {}
         for key, value in changes.items():
@@ -70,6 +71,9 @@ class MethodCfg:
         if clean.get("window") in (0, "whole"):
             clean["window"] = None
             clean.setdefault("stride", None)
+        for key in ("short_side", "pad_multiple"):  # 0 switches the step off (None keeps the preset's value)
+            if key in clean and clean[key] == 0 and not isinstance(clean[key], bool):
+                clean[key] = None
         cfg = dataclasses.replace(self, **clean)
         cfg.validate()
         return cfg

@@ -81,6 +81,9 @@ class Segmenter:
         clip_kwargs: open_clip model-config overrides (e.g. a smaller ``vision_cfg`` for tests).
         vfm_kwargs: keyword options of the VFM builder, e.g. ``{"block": 1}`` for SD or
             ``{"model_kwargs": {...}}`` (architecture overrides for timm/diffusers).
+        memory_budget: GB of activations for one batch of windows; the batch size then adapts to the window
+            size (at most ``batch_size`` is ignored, at least 1). Default: a fixed ``batch_size``.
+        compile: run the model forward through ``torch.compile`` (first calls per window shape compile).
         **options: any :class:`ovseg.methods.MethodCfg` field (window, stride, logit_scale, threshold, beta,
             gamma, sigma, pamr_steps, templates, attention, residual, ffn, batch_size, ...). ``None`` keeps the
             preset's value.
@@ -99,9 +102,14 @@ class Segmenter:
         seed: int = 0,
         clip_kwargs: Optional[Dict[str, Any]] = None,
         vfm_kwargs: Optional[Dict[str, Any]] = None,
+        memory_budget: Optional[float] = None,
+        compile: bool = False,
         **options: Any,
     ):
         preset = get_method(method)
+        if memory_budget is not None and (isinstance(memory_budget, bool) or
+                                          not isinstance(memory_budget, (int, float)) or memory_budget <= 0):
+            raise ValueError(f"memory_budget must be a positive number of GB, got {memory_budget!r}")
         if vfm_weights is not None and vfm is None and preset.vfm is None and "attention" not in options:
             raise ValueError(f"vfm_weights was given but method '{method}' uses no VFM")
         self.cfg: MethodCfg = preset.replace(clip=clip, clip_weights=clip_weights, vfm=vfm, **options)
@@ -120,6 +128,10 @@ class Segmenter:
             self.vfm = create_vfm(self.cfg.vfm, vfm_weights, seed=seed, **(vfm_kwargs or {})).to(self.device)
         self.text = TextClassifier(self.clip)
         self.band_pixels = 1 << 21  # full-resolution post-processing works on bands of at most this many pixels
+        self.memory_budget = memory_budget
+        self._forward_impl = self._forward_features
+        if compile:
+            self._forward_impl = torch.compile(self._forward_features, dynamic=False)
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -167,8 +179,28 @@ class Segmenter:
         std = torch.tensor(self.vfm.std, device=dev).view(1, 3, 1, 1)
         return (crops * clip_std + clip_mean - mean) / std
 
+    def window_bytes(self, height: int, width: int) -> int:
+        """Rough activation memory of one (height x width) window: the widest tensors of the CLIP and VFM
+        blocks (q, k, v and the MLP hidden ~ 10 x tokens x width) and the proxy attention (3 x M²)."""
+        itemsize = 4 if self.precision == "fp32" else 2
+        gh, gw = self.clip.grid_size(height, width)
+        total = 10 * (gh * gw + 1) * self.clip.width
+        if self.vfm is not None:
+            vh, vw = self.vfm.grid_size(height, width)
+            total += 10 * vh * vw * int(getattr(self.vfm, "width", self.vfm.embed_dim)) + 3 * (vh * vw) ** 2
+        return total * itemsize
+
+    def batch_size_for(self, height: int, width: int) -> int:
+        """Windows per forward pass for this window size (``memory_budget`` or the fixed ``batch_size``)."""
+        if self.memory_budget is None:
+            return self.cfg.batch_size
+        return max(1, min(256, int(self.memory_budget * 2**30 // self.window_bytes(height, width))))
+
     def forward_features(self, crops: torch.Tensor) -> torch.Tensor:
         """Windows (N, 3, h, w), CLIP-normalised -> unit-norm dense features (N, E, h', w') float32."""
+        return self._forward_impl(crops)
+
+    def _forward_features(self, crops: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             vfm_feats = self.vfm.forward_features(self._vfm_input(crops)) if self.vfm is not None else None
             feats = self.clip.forward_dense(crops, self.strategy, residual=self.cfg.residual, ffn=self.cfg.ffn,
@@ -218,8 +250,9 @@ class Segmenter:
             total = sum(1 if self.cfg.window is None else
                         len(window_grid(x.shape[-2], x.shape[-1], self.cfg.window, self.cfg.stride)) for x in inputs)
             bar = tqdm(total=total, desc="windows", unit="win")
+        batch = self.cfg.batch_size if self.memory_budget is None else self.batch_size_for
         logits = slide_inference(inputs, self._window_logits(text), window=self.cfg.window, stride=self.cfg.stride,
-                                 pad_multiple=self.cfg.pad_multiple, batch_size=self.cfg.batch_size,
+                                 pad_multiple=self.cfg.pad_multiple, batch_size=batch,
                                  progress=bar.update if bar is not None else None)
         if bar is not None:
             bar.close()

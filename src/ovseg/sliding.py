@@ -71,7 +71,7 @@ def slide_inference(
     window: Optional[Pair],
     stride: Optional[Pair],
     pad_multiple: Optional[int] = None,
-    batch_size: int = 8,
+    batch_size: Union[int, Callable[[int, int], int]] = 8,
     progress: Optional[Callable[[int], None]] = None,
 ) -> List[torch.Tensor]:
     """Average window logits over each image.
@@ -83,14 +83,13 @@ def slide_inference(
         window: (h, w) crop size, or None for whole-image inference (one window per image).
         stride: (h, w) step between windows (ignored in whole-image mode).
         pad_multiple: zero-pad each window to a multiple of this (ProxyCLIP: 56), cut away after.
-        batch_size: windows per forward call.
+        batch_size: windows per forward call, or a function of the padded window (height, width) giving it.
         progress: called with the number of windows finished after each batch.
 
     Returns:
         list of (Q, H, W) float32 logits, one per image.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    size_of = batch_size if callable(batch_size) else (lambda h, w: batch_size)
     jobs = []  # (image index, box)
     for i, img in enumerate(images):
         if img.dim() != 3:
@@ -107,7 +106,10 @@ def slide_inference(
     counts = [torch.zeros(img.shape[-2:], device=img.device) for img in images]
     for (h, w), group in groups.items():
         left, right, top, bottom = pad_amounts(h, w, pad_multiple)
-        for batch in _batches(group, batch_size):
+        bs = int(size_of(h + top + bottom, w + left + right))
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1, got {bs}")
+        for batch in _batches(group, bs):
             crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in batch])
             if left or right or top or bottom:
                 crops = F.pad(crops, (left, right, top, bottom))  # zero = CLIP mean colour

@@ -13,7 +13,10 @@ from ..conftest import TINY_CLIP
 
 @pytest.fixture(scope="module")
 def vit_b16():
-    return create_clip("ViT-B-16", "random", seed=0)
+    clip = create_clip("ViT-B-16", "random", seed=0)
+    clip.mha_layout = True  # torch MultiheadAttention's memory layout: bit-identical results
+    yield clip
+    clip.mha_layout = False
 
 
 def _reference_tokens(visual, x):
@@ -65,6 +68,23 @@ def test_vanilla_full_block_equals_open_clip_at_non_224_non_square(vit_b16):
     dense = vit_b16.forward_dense(x, get_attention("vanilla"))
     assert dense.shape == (1, 512, 18, 22)
     torch.testing.assert_close(dense[0, :, 3, 5], (tokens[0, 3 * 22 + 5] @ vit_b16.visual.proj), rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_default_fast_layout_and_autocast_trunk_agree_with_open_clip():
+    """The default contiguous layout (and the contiguous trunk used under autocast) equal open_clip's block to
+    float rounding."""
+    clip = create_clip("ViT-B-16", "random", model_kwargs=TINY_CLIP)
+    x = torch.randn(2, 3, 96, 64)
+    tok, grid = clip.forward_trunk(x)
+    blk = clip.visual.transformer.resblocks[-1]
+    out, _, _ = clip.forward_last_block(tok, grid, get_attention("vanilla"))
+    torch.testing.assert_close(out, blk(tok), rtol=1e-5, atol=1e-5)
+    for b in clip.visual.transformer.resblocks:
+        torch.testing.assert_close(clip._block(b, tok), b(tok), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = clip.forward_trunk(x)
+    torch.testing.assert_close(low.float(), tok, rtol=0.05, atol=0.05)
 
 
 @torch.inference_mode()

@@ -26,8 +26,8 @@ def test_registered_vfm_drives_proxyclip():
     ovseg.register_vfm("test_halves", lambda weights=None, seed=0: OneHotRegions(), doc="test")
     try:
         assert "test_halves" in ovseg.list_vfms()
-        seg = make_segmenter("proxyclip", vfm="test_halves", vfm_kwargs=None, window=0, short_side=None,
-                             pad_multiple=None)
+        seg = make_segmenter("proxyclip", vfm="test_halves", vfm_kwargs=None, window=0, short_side=0,
+                             pad_multiple=0)
         img = (np.random.RandomState(1).rand(64, 128, 3) * 255).astype(np.uint8)
         res = seg.predict(img, ["a", "b", "c", "d", "e"], return_logits=True)
         left, right = res.logits[:, :, :56], res.logits[:, :, 72:]  # away from the bilinear seam

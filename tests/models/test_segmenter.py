@@ -180,6 +180,9 @@ def test_bad_inputs(segmenters):
         seg.predict(np.zeros((50, 50, 3), np.float32), LABELS)
     with pytest.raises(ValueError, match="size 1x3000 .*smaller than one"):
         seg.predict(np.zeros((1, 3000, 3), np.uint8), LABELS)
+    no_resize = make_segmenter("clip", short_side=0)  # 0: keep the input size
+    with pytest.raises(ValueError, match="size 10x12 .*smaller than one"):
+        no_resize.predict(np.zeros((10, 12, 3), np.uint8), LABELS)
     with pytest.raises(ValueError, match="threshold .* 1.5"):
         seg.predict(np.zeros((50, 50, 3), np.uint8), LABELS, threshold=1.5)
 
@@ -208,3 +211,43 @@ def test_bf16_autocast_runs_and_mostly_agrees(rgb_image):
     assert bf16.precision == "bf16" and np.isfinite(b.probs).all()
     assert (a.label_map == b.label_map).mean() > 0.9
     assert not np.array_equal(a.probs, b.probs)  # the lower precision path really ran
+
+
+def test_memory_budget_adapts_the_window_batch(rgb_image):
+    seg = make_segmenter("proxyclip", memory_budget=0.05)
+    small, big = seg.batch_size_for(112, 112), seg.batch_size_for(336, 336)
+    assert small > big >= 1  # larger windows -> fewer per batch
+    assert seg.window_bytes(336, 336) > seg.window_bytes(112, 112)
+    calls = []
+    orig = seg.forward_features
+    seg.forward_features = lambda crops: calls.append(crops.shape[0]) or orig(crops)
+    res = seg.predict(rgb_image, LABELS)
+    assert max(calls) <= big and sum(calls) == 3  # 336x488 -> 3 windows of 336
+    ref = make_segmenter("proxyclip").predict(rgb_image, LABELS)
+    np.testing.assert_allclose(res.probs, ref.probs, rtol=1e-4, atol=1e-5)  # batching changes no result
+    with pytest.raises(ValueError, match="memory_budget"):
+        make_segmenter("proxyclip", memory_budget=-1)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("OVSEG_TEST_COMPILE"),
+                    reason="torch.compile takes minutes on CPU; set OVSEG_TEST_COMPILE=1")
+def test_compiled_forward_matches_eager(rgb_image):
+    eager = make_segmenter("naclip", pamr_steps=0).predict(rgb_image, LABELS)
+    comp = make_segmenter("naclip", pamr_steps=0, compile=True).predict(rgb_image, LABELS)
+    np.testing.assert_allclose(comp.probs, eager.probs, rtol=1e-3, atol=1e-4)
+
+
+def test_nothing_accumulates_across_calls(rgb_image):
+    from ovseg.attention import gaussian as g
+
+    for n in range(40):  # many grids: the Gaussian-window cache stays bounded
+        g.gaussian_window((3 + n, 4), 5.0)
+    assert len(g._CACHE) <= g._CACHE_SIZE
+    seg = make_segmenter("proxyclip")
+    seg.text.cache_size = 3
+    for i in range(6):
+        seg.predict(rgb_image[:60, :80], [f"a{i}", "b"])
+    assert seg.text.cache_info()["size"] == 3  # LRU bound
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
+                for mod in (seg.clip, seg.vfm) for m in mod.modules())
+    assert hooks == 0

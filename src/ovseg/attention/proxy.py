@@ -76,4 +76,7 @@ def proxy_attention(
     size = tuple(vfm_feats.shape[-2:])
     attn = proxy_weights(vfm_feats, beta=beta, gamma=gamma, keep_diagonal=keep_diagonal).to(v.dtype)
     vg = resize_values(v, grid, size)  # (B, nh, M, hd)
-    return attn.unsqueeze(1) @ vg
+    b, nh, m, hd = vg.shape
+    # the same matrix mixes every head: one (M, M) @ (M, nh·hd) product instead of broadcasting it over heads
+    out = attn @ vg.permute(0, 2, 1, 3).reshape(b, m, nh * hd)  # (B, M, nh·hd)
+    return out.view(b, m, nh, hd).permute(0, 2, 1, 3)

@@ -75,6 +75,9 @@ class CLIPAdapter(nn.Module):
         self.width: int = visual.transformer.width
         self.num_heads: int = last.attn.num_heads
         self.embed_dim: int = visual.output_dim
+        # True: lay out the last block's projections like torch's MultiheadAttention slow path, which makes the
+        # vanilla strategy bit-identical to open_clip's block; False (default): contiguous and much faster
+        self.mha_layout = False
         self.eval()
 
     # ------------------------------------------------------------------ image side
@@ -102,14 +105,30 @@ class CLIPAdapter(nn.Module):
         x = vis.patch_dropout(x)
         x = vis.ln_pre(x)
         blocks = vis.transformer.resblocks
+        if torch.is_autocast_enabled(x.device.type):
+            # torch's MultiheadAttention leaves its fused fast path under autocast and projects a transposed
+            # view, which F.linear turns into a huge expanded copy; the same block math, laid out contiguously
+            for blk in blocks[:-1]:
+                x = self._block(blk, x)
+            return x, grid
         batch_first = getattr(vis.transformer, "batch_first", False)
         if not batch_first:
             x = x.transpose(0, 1)
         for blk in blocks[:-1]:
-            x = blk(x)
+            x = blk(x)  # open_clip's own block (fused MHA fast path in inference)
         if not batch_first:
             x = x.transpose(0, 1)
         return x, grid
+
+    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """open_clip's ResidualAttentionBlock (pre-LN, full attention) on (B, L, D) with contiguous projections."""
+        b, n, d = x.shape
+        nh = blk.attn.num_heads
+        qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, nh, d // nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hd)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + blk.ls_1(F.linear(a, blk.attn.out_proj.weight, blk.attn.out_proj.bias))
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
     def forward_last_block(
         self,
@@ -130,13 +149,12 @@ class CLIPAdapter(nn.Module):
         attn = blk.attn
         b, n, d = x.shape
         nh, hd = self.num_heads, d // self.num_heads
-        # Work in torch's MultiheadAttention layout (L, B, D) so that the vanilla strategy with the full block
-        # reproduces open_clip's (non-fused) block bit for bit.
-        y = blk.ln_1(x).transpose(0, 1)  # (L, B, D)
+        y = blk.ln_1(x)  # (B, L, D), contiguous: F.linear on a transposed view is pathologically slow
+        if self.mha_layout:  # torch MultiheadAttention's (L, B, D) layout: bit-identical to open_clip, slower
+            y = y.transpose(0, 1)
         w, bias = attn.in_proj_weight, attn.in_proj_bias
         if strategy.needs == {"q", "k", "v"}:
-            qkv = F.linear(y, w, bias).unflatten(-1, (3, d)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
-            q, k, v = qkv[0], qkv[1], qkv[2]
+            q, k, v = F.linear(y, w, bias).chunk(3, dim=-1)
         else:  # project only what the strategy reads
             def _proj(i: int) -> Optional[torch.Tensor]:
                 if "qkv"[i] not in strategy.needs:
@@ -147,15 +165,21 @@ class CLIPAdapter(nn.Module):
         def heads(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             if t is None:
                 return None
-            return t.reshape(n, b * nh, hd).transpose(0, 1).view(b, nh, n, hd)  # (B, nh, L, hd)
+            if self.mha_layout:
+                return t.contiguous().view(n, b * nh, hd).transpose(0, 1).view(b, nh, n, hd)
+            return t.reshape(b, n, nh, hd).transpose(1, 2)  # (B, nh, L, hd)
 
         if strategy.uses_vfm and vfm_feats is None:
             raise ValueError(f"attention '{strategy.name}' needs VFM features (vfm_feats)")
         out = strategy.fn(heads(q), heads(k), heads(v), scale=hd ** -0.5, grid=grid, vfm_feats=vfm_feats, **params)
         out_grid = tuple(vfm_feats.shape[-2:]) if strategy.uses_vfm else grid
         m = out.shape[2]
-        out = out.permute(2, 0, 1, 3).reshape(m * b, d)  # merge heads, (L'·B, D)
-        out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias).view(m, b, d).transpose(0, 1)  # (B, L', D)
+        if self.mha_layout:
+            out = F.linear(out.permute(2, 0, 1, 3).reshape(m * b, d), attn.out_proj.weight, attn.out_proj.bias)
+            out = out.view(m, b, d).transpose(0, 1)
+        else:
+            out = out.transpose(1, 2).reshape(b, m, d)  # merge heads -> (B, L', D)
+            out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
         if residual:
             if out.shape[1] != n:
                 raise ValueError(f"attention '{strategy.name}' changes the token count; it needs residual=False")

@@ -35,6 +35,7 @@ class SAMFeatures(VFM):
         self.patch_size = p  # stride at the stretched input
         neck_out = [m for m in vit.neck.modules() if isinstance(m, nn.Conv2d)]
         self.embed_dim = int(neck_out[-1].out_channels) if neck_out else int(vit.embed_dim)
+        self.width = int(vit.embed_dim)  # internal token width (for memory estimates)
         self._grid = (self.input_size[0] // p, self.input_size[1] // p)
 
     def grid_size(self, height: int, width: int) -> Tuple[int, int]:
