@@ -256,13 +256,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         get_dataset_spec(args.dataset)  # validate the name before loading any model
     roots = read_roots(args.roots) if args.suite else None
-    rank, world, device = init_distributed(args.device)
-    args.device = device
-    from .segmenter import Segmenter
-
-    seg = Segmenter(args.method, clip=args.clip, clip_weights=args.clip_weights, vfm=args.vfm,
-                    vfm_weights=args.vfm_weights, device=args.device, precision=args.precision,
-                    batch_size=args.batch_size, pamr_steps=args.pamr_steps, templates=_templates(args.templates))
+    rank, world, args.device = init_distributed(args.device)
+    seg = _segmenter(args)  # dataset presets, then these overrides, are applied per dataset by configure()
     overrides = {"window": args.window, "stride": args.stride, "short_side": args.short_side,
                  "threshold": args.threshold}
     common = dict(out_dir=args.out, resume=args.resume, limit=args.limit, strict_ignore=args.strict_ignore,

@@ -7,16 +7,14 @@ converter; prompt encoder and mask decoder are ignored).
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..weights import load_state_dict_file, seeded
 from .base import VFM, register_vfm
-from .timm_vit import load_into, offline_error
+from .timm_vit import create_timm_model
 
 __all__ = ["SAMFeatures", "build_sam"]
 
@@ -55,24 +53,10 @@ def convert_sam(sd: Dict[str, torch.Tensor], model=None) -> Dict[str, torch.Tens
 
 def build_sam(*, timm_name: str, release_file: str, weights: Any = None, seed: int = 0,
               model_kwargs: Optional[Dict[str, Any]] = None, vfm_name: str = "sam") -> SAMFeatures:
-    import timm
-
     kwargs = dict(num_classes=0)
     kwargs.update(model_kwargs or {})
-    if weights is None:
-        try:
-            vit = timm.create_model(timm_name, pretrained=True, **kwargs)
-        except Exception as e:
-            raise offline_error(vfm_name, f"timm '{timm_name}'", release_file, _URL.format(file=release_file),
-                                e) from None
-    else:
-        with seeded(seed):
-            vit = timm.create_model(timm_name, pretrained=False, **kwargs)
-        if not (isinstance(weights, str) and weights == "random"):
-            if not isinstance(weights, (str, os.PathLike)):
-                raise TypeError(f"vfm_weights must be None, 'random' or a path, got {type(weights).__name__}")
-            sd = convert_sam(load_state_dict_file(weights, option="vfm_weights"), vit)
-            load_into(vit, sd, weights, vfm_name, release_file)
+    vit = create_timm_model(timm_name=timm_name, release_file=release_file, release_url=_URL.format(file=release_file),
+                            weights=weights, seed=seed, kwargs=kwargs, vfm_name=vfm_name, convert=convert_sam)
     return SAMFeatures(vit, name=vfm_name)
 
 

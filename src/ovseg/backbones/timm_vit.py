@@ -15,7 +15,7 @@ from .base import VFM
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TimmViTFeatures", "build_timm_vit", "offline_error"]
+__all__ = ["TimmViTFeatures", "build_timm_vit", "create_timm_model", "offline_error", "load_into"]
 
 
 class TimmViTFeatures(VFM):
@@ -87,6 +87,37 @@ def load_into(model: nn.Module, sd: Dict[str, torch.Tensor], weights: Any, vfm_n
     logger.info("loaded %s weights from %s", vfm_name, weights)
 
 
+def create_timm_model(
+    *,
+    timm_name: str,
+    release_file: str,
+    release_url: str,
+    weights: Any = None,
+    seed: int = 0,
+    kwargs: Optional[Dict[str, Any]] = None,
+    vfm_name: str = "vfm",
+    convert: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]] = None,
+) -> nn.Module:
+    """A timm model with the official weights (``None``, through timm's hub cache), ``"random"`` (seeded) ones,
+    or a local release file whose keys ``convert`` maps to timm's."""
+    import timm
+
+    kwargs = dict(kwargs or {})
+    if weights is None:
+        try:
+            return timm.create_model(timm_name, pretrained=True, **kwargs)
+        except Exception as e:
+            raise offline_error(vfm_name, f"timm '{timm_name}'", release_file, release_url, e) from None
+    if not (isinstance(weights, str) and weights == "random") and not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"vfm_weights must be None, 'random' or a path, got {type(weights).__name__}")
+    with seeded(seed):
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    if not (isinstance(weights, str) and weights == "random"):
+        sd = load_state_dict_file(weights, option="vfm_weights")
+        load_into(model, convert(sd, model) if convert is not None else sd, weights, vfm_name, release_file)
+    return model
+
+
 def build_timm_vit(
     *,
     timm_name: str,
@@ -99,25 +130,9 @@ def build_timm_vit(
     pos_mode: str = "legacy",
     convert: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]] = None,
 ) -> TimmViTFeatures:
-    """Build a timm ViT with the official weights (``None``), ``"random"`` ones, or a local release file;
-    ``convert`` maps the release file's keys to timm's."""
-    import timm
-
+    """DINO / DINOv2 / MAE: a timm ViT (dynamic image size) wrapped as a dense feature extractor."""
     kwargs = dict(num_classes=0, dynamic_img_size=True)
     kwargs.update(model_kwargs or {})
-    if weights is None:
-        try:
-            vit = timm.create_model(timm_name, pretrained=True, **kwargs)
-        except Exception as e:
-            raise offline_error(vfm_name, f"timm '{timm_name}'", release_file, release_url, e) from None
-    else:
-        with seeded(seed):
-            vit = timm.create_model(timm_name, pretrained=False, **kwargs)
-        if not (isinstance(weights, str) and weights == "random"):
-            if not isinstance(weights, (str, os.PathLike)):
-                raise TypeError(f"vfm_weights must be None, 'random' or a path, got {type(weights).__name__}")
-            sd = load_state_dict_file(weights, option="vfm_weights")
-            if convert is not None:
-                sd = convert(sd, vit)
-            load_into(vit, sd, weights, vfm_name, release_file)
+    vit = create_timm_model(timm_name=timm_name, release_file=release_file, release_url=release_url,
+                            weights=weights, seed=seed, kwargs=kwargs, vfm_name=vfm_name, convert=convert)
     return TimmViTFeatures(vit, name=vfm_name, pos_mode=pos_mode)
