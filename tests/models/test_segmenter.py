@@ -203,12 +203,13 @@ def test_full_size_proxyclip_vit_b16_dino_b8():
     assert res.label_map.shape == (336, 336)
 
 
-def test_bf16_autocast_runs_and_mostly_agrees(rgb_image):
-    fp32 = make_segmenter("naclip", pamr_steps=0)
-    bf16 = make_segmenter("naclip", pamr_steps=0, precision="bf16")
+@pytest.mark.parametrize("method,precision", [("naclip", "bf16"), ("proxyclip", "fp16")])
+def test_low_precision_autocast_runs_and_mostly_agrees(rgb_image, method, precision):
+    fp32 = make_segmenter(method, pamr_steps=0)
+    low = make_segmenter(method, pamr_steps=0, precision=precision)
     a = fp32.predict(rgb_image, LABELS)
-    b = bf16.predict(rgb_image, LABELS)
-    assert bf16.precision == "bf16" and np.isfinite(b.probs).all()
+    b = low.predict(rgb_image, LABELS)
+    assert low.precision == precision and np.isfinite(b.probs).all()
     assert (a.label_map == b.label_map).mean() > 0.9
     assert not np.array_equal(a.probs, b.probs)  # the lower precision path really ran
 
