@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from ..text import LabelSet
 
@@ -96,7 +96,3 @@ def read_class_file(name: str, separator: Optional[str]) -> LabelSet:
             queries.append(s)
             query_class.append(c)
     return LabelSet(tuple(names), tuple(queries), tuple(query_class))
-
-
-def preset_summary(method: str) -> List[Tuple[str, EvalPreset]]:
-    return list(HARNESS.get(method, BASELINE).items())
