@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--resume", action="store_true", help="reuse predictions already written under --out")
     e.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests)")
     e.add_argument("--strict-ignore", action="store_true",
-                   help="also ignore labels outside [0, C) (the references count them, METHODS_SPEC §7 B12)")
+                   help="also ignore labels outside [0, C) (the references count them; see docs/evaluation.md)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(e)
     e.set_defaults(func=_cmd_eval)

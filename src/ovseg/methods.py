@@ -1,4 +1,4 @@
-"""Method presets with their papers' inference settings (METHODS_SPEC.md §3.1, §4.1, §5).
+"""Method presets with their papers' inference settings (docs/methods.md).
 
 ==========  ===========  ========  ====  =========  ==============  ==========================
 method      attention    residual  FFN   VFM        window/stride   extras

@@ -1,5 +1,5 @@
 """PAMR: pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020), as NACLIP post-processing
-(METHODS_SPEC.md §4.5): 10 iterations over 8-neighbourhoods at dilations (8, 16) with replicate padding.
+(docs/methods.md, "PAMR"): 10 iterations over 8-neighbourhoods at dilations (8, 16) with replicate padding.
 
 Affinities ``a_n = −|I(p) − I(p+o_n)| / (1e-8 + 0.1·σ(p))`` averaged over colour channels, σ the unbiased
 standard deviation over the 18 samples (centre + 8 neighbours, per dilation), softmax over the 16 slots;

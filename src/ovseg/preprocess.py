@@ -1,5 +1,5 @@
 """Input handling: images of every common kind -> RGB uint8/float, reference resize (mmcv ``Resize`` with
-``keep_ratio``, METHODS_SPEC.md §1.1) and CLIP normalisation."""
+``keep_ratio``, docs/methods.md, "Input and resize") and CLIP normalisation."""
 from __future__ import annotations
 
 import os
@@ -109,7 +109,7 @@ def resize_image(img: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 
 
 def normalize_clip(img255: torch.Tensor) -> torch.Tensor:
-    """(3, H, W) on 0-255 -> CLIP-normalised with the references' constants (§1.1)."""
+    """(3, H, W) on 0-255 -> CLIP-normalised with the references' constants."""
     mean = torch.tensor(CLIP_PIXEL_MEAN, device=img255.device).view(3, 1, 1)
     std = torch.tensor(CLIP_PIXEL_STD, device=img255.device).view(3, 1, 1)
     return (img255 - mean) / std

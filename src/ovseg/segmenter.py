@@ -34,7 +34,7 @@ def postprocess(
     logit_scale: float = 40.0,
     threshold: float = 0.0,
 ):
-    """Cosine logits (Q, H, W) -> (label map (H, W) int64, class scores (C, H, W)) as the references do (§1.4).
+    """Cosine logits (Q, H, W) -> (label map (H, W) int64, class scores (C, H, W)) as the references do (docs/methods.md, "Post-processing").
 
     Softmax over all queries of ``logits · logit_scale``; a class scores the max over its synonyms; argmax
     (ties to the lowest index); pixels whose best class score is below ``threshold`` go to class 0.
@@ -171,7 +171,7 @@ class Segmenter:
         return self.text(parse_labels(labels).queries, self.templates, device=self.device)
 
     def _vfm_input(self, crops: torch.Tensor) -> torch.Tensor:
-        """CLIP-normalised crops -> the VFM's normalisation (§3.2)."""
+        """CLIP-normalised crops -> the VFM's normalisation (docs/methods.md, "VFM input")."""
         dev = crops.device
         clip_mean = torch.tensor(CLIP_MEAN, device=dev).view(1, 3, 1, 1)
         clip_std = torch.tensor(CLIP_STD, device=dev).view(1, 3, 1, 1)

@@ -1,4 +1,4 @@
-"""Sliding-window inference with mmseg's crop grid (METHODS_SPEC.md §1.2) and ProxyCLIP's pad-to-multiple.
+"""Sliding-window inference with mmseg's crop grid (docs/methods.md, "Sliding windows") and ProxyCLIP's pad-to-multiple.
 
 Windows are cut from every image, grouped by size and run through the model in batches; per-window logits are
 upsampled to the (padded) window, the padding is cut away, and logits are averaged per pixel over overlaps.

@@ -1,6 +1,6 @@
 """Text side: label parsing with synonyms, prompt templates, and the cached zero-shot text classifier.
 
-Procedure of both references (METHODS_SPEC.md §1.5; open_clip's ``build_zero_shot_classifier``): each query
+Procedure of both references (docs/methods.md, "Text classifier"; open_clip's ``build_zero_shot_classifier``): each query
 is written into every template, each prompt embedding is L2-normalised, the mean over templates is
 L2-normalised again. Synonyms are separate queries whose probabilities are max-pooled per class.
 """

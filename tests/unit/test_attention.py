@@ -135,7 +135,7 @@ def test_proxy_uniform_window_no_nan_keeps_diagonal():
     w = proxy_weights(feats)
     assert torch.isfinite(w).all()
     torch.testing.assert_close(w[0], torch.eye(9))
-    ref = proxy_weights(feats, keep_diagonal=False)  # the reference behaviour: NaN rows (METHODS_SPEC §7 B4)
+    ref = proxy_weights(feats, keep_diagonal=False)  # the reference behaviour: NaN rows (docs/methods.md, reference quirks)
     assert torch.isnan(ref).all()
 
 

@@ -1,4 +1,4 @@
-"""Positional-embedding interpolation (METHODS_SPEC §2.2) and PAMR (§4.5) against independent references."""
+"""Positional-embedding interpolation (docs/methods.md, "Positional embeddings") and PAMR against independent references."""
 import math
 
 import numpy as np

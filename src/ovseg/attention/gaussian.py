@@ -1,4 +1,4 @@
-"""NACLIP neighbourhood attention (Hajimiri et al., WACV 2025, Eqs. 12-15; METHODS_SPEC.md §4.2-4.3).
+"""NACLIP neighbourhood attention (Hajimiri et al., WACV 2025, Eqs. 12-15; docs/methods.md, "Gaussian window").
 
 ``softmax(k kᵀ / sqrt(d) + Ω) v`` where Ω is an *unnormalised* Gaussian window over the patch grid,
 ``Ω[(i,j),(k,l)] = exp(-((i-k)² + (j-l)²) / (2σ²))`` (σ = 5 by default), with zeros on the CLS row and

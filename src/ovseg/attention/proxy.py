@@ -1,4 +1,4 @@
-"""ProxyCLIP proxy attention (Lan et al., ECCV 2024, Eqs. 6-8; METHODS_SPEC.md §3.4).
+"""ProxyCLIP proxy attention (Lan et al., ECCV 2024, Eqs. 6-8; docs/methods.md, "Proxy attention").
 
 The attention comes from a vision foundation model's patch features X (B, C, I, J):
 ``S = X̂ᵀ X̂`` (cosine similarity, Eq. 6), ``A = γ (S − β·mean(S))`` (Eq. 7), entries ``A < 0`` masked to −inf,
@@ -6,10 +6,10 @@ The attention comes from a vision foundation model's patch features X (B, C, I, 
 The same matrix serves every head. Defaults β = 1.2, γ = 3.0.
 
 Differences from the reference, both documented options:
-- the mean is taken per window (per batch item); the reference takes it over the whole batch tensor (§7 B2),
+- the mean is taken per window (per batch item); the reference takes it over the whole batch tensor,
   identical for its batch size of one;
 - ``keep_diagonal=True`` never masks a token's similarity with itself, so a nearly uniform window gives
-  a finite row instead of NaN (§7 B4). Every row that the reference leaves finite is unchanged, since
+  a finite row instead of NaN. Every row that the reference leaves finite is unchanged, since
   ``S_ii = 1 ≥ S_ij``.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Self-self attention: q-q (ClearCLIP), k-k, and SCLIP's correlative self-attention q-q + k-k.
 
 - ClearCLIP (Lan et al., ECCV 2024, Eq. 5): ``softmax(q qᵀ / sqrt(d)) v``.
-- k-k (NACLIP ablation, METHODS_SPEC.md §4.3): ``softmax(k kᵀ / sqrt(d)) v``.
-- SCLIP (Wang et al., ECCV 2024, Eq. 5; METHODS_SPEC.md §4.3 ``csa``):
+- k-k (NACLIP's ablation): ``softmax(k kᵀ / sqrt(d)) v``.
+- SCLIP (Wang et al., ECCV 2024, Eq. 5; NACLIP's ``csa``):
   ``(softmax(q qᵀ s) + softmax(k kᵀ s)) v`` — two row-stochastic matrices summed, so rows sum to 2.
 All tensors are per head: (B, nh, L, hd).
 """

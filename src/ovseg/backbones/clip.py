@@ -2,7 +2,7 @@
 
 Blocks 1..L−1 run unchanged; the last block's ``ln_1`` output is projected to q, k, v (only the ones the
 strategy needs), the strategy mixes the values, then ``out_proj``, optional residual and FFN, ``ln_post`` and
-``proj`` (METHODS_SPEC.md §2.3, §3.4, §4.4, §5). Position embeddings follow §2.2.
+``proj`` (docs/methods.md, "CLIP's vision tower"). Position embeddings: docs/methods.md, "Positional embeddings".
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class CLIPAdapter(nn.Module):
         return self.model.visual
 
     def grid_size(self, height: int, width: int) -> Tuple[int, int]:
-        """Token grid of an input: the conv stem floors, so trailing rows/columns get no token (§1.2)."""
+        """Token grid of an input: the conv stem floors, so trailing rows/columns get no token (docs/methods.md, "Sliding windows")."""
         return height // self.patch_size[0], width // self.patch_size[1]
 
     def forward_trunk(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:

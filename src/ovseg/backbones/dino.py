@@ -1,4 +1,4 @@
-"""DINO v1 ViTs (Caron et al., ICCV 2021) via timm, ProxyCLIP's default VFM (METHODS_SPEC.md §3.3).
+"""DINO v1 ViTs (Caron et al., ICCV 2021) via timm, ProxyCLIP's default VFM (docs/methods.md, "VFM features").
 
 Features: the last block's output with the final LayerNorm, CLS dropped, as (B, C, H/p, W/p). Position
 embeddings are resized like DINO's own ``interpolate_pos_encoding`` (bicubic, scale factor (g+0.1)/g0).

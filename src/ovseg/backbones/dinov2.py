@@ -1,5 +1,5 @@
 """DINOv2 ViTs (Oquab et al., 2023) and DINOv2 with registers (Darcet et al., ICLR 2024) via timm
-(METHODS_SPEC.md §3.3): last block with the final norm, CLS and register tokens dropped, (B, C, H/14, W/14).
+(docs/methods.md, "VFM features"): last block with the final norm, CLS and register tokens dropped, (B, C, H/14, W/14).
 
 Position embeddings follow the DINOv2 hub code (after fix e1277af, 2024-02), computed in fp32: the register
 models resize to the target grid with antialiased bicubic; the plain models use the scale-factor rule with

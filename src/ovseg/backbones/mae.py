@@ -1,4 +1,4 @@
-"""MAE ViTs (He et al., CVPR 2022) via timm (METHODS_SPEC.md §3.3): all blocks, then the final LayerNorm over
+"""MAE ViTs (He et al., CVPR 2022) via timm (docs/methods.md, "VFM features"): all blocks, then the final LayerNorm over
 the patch tokens, (B, C, H/p, W/p). The pretrain checkpoints ``mae_pretrain_vit_*.pth`` (weights under
 ``model``) load directly. Position embeddings are resized to the input grid with plain bicubic to the target
 size in fp32, as ProxyCLIP does when it loads the checkpoint for its crop size.

@@ -1,4 +1,4 @@
-"""Stable Diffusion UNet features (ProxyCLIP supplement §A, Table 2; METHODS_SPEC.md §3.3) via diffusers.
+"""Stable Diffusion UNet features (ProxyCLIP supplement §A, Table 2; docs/vfms.md) via diffusers.
 
 The crop (normalised to [-1, 1]) is resized to 2x (336 -> 672), encoded by the VAE (latent mean x scaling
 factor), and the UNet runs at timestep 0 conditioned on the empty prompt. Features are the decoder stage

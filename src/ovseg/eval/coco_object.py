@@ -1,5 +1,5 @@
 """COCO-Object ground truth from COCO-Stuff-164k, as the references define it (GroupViT's converter, used
-verbatim by NACLIP/ProxyCLIP; METHODS_SPEC.md §6): the 80 thing classes become 1..80 in COCO-Stuff's train-id
+verbatim by NACLIP/ProxyCLIP; docs/evaluation.md): the 80 thing classes become 1..80 in COCO-Stuff's train-id
 order, everything else (stuff classes and the 255 'unlabelled') becomes 0 = background, so COCO-Object has no
 ignored pixels."""
 from __future__ import annotations

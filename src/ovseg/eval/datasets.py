@@ -1,5 +1,5 @@
 """Benchmark datasets in the folder layouts MMSegmentation's (and CAT-Seg's) preparation scripts produce
-(METHODS_SPEC.md §6). Ground truth is read at its original resolution; ``reduce_zero_label`` follows mmseg
+(docs/evaluation.md). Ground truth is read at its original resolution; ``reduce_zero_label`` follows mmseg
 (0 -> 255, others -1, 255 stays 255)."""
 from __future__ import annotations
 

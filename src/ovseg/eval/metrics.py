@@ -1,6 +1,6 @@
 """mIoU from a confusion matrix accumulated in int64 on the device, matching mmseg's ``IoUMetric``.
 
-Pixels labelled ``ignore_index`` are skipped. Like the references (METHODS_SPEC.md §7 B12), ground-truth values
+Pixels labelled ``ignore_index`` are skipped. Like the references (docs/evaluation.md), ground-truth values
 outside ``[0, C)`` that are not ``ignore_index`` (e.g. 65535 in ADE-847/PC-459 .tif labels) are *not* ignored: their
 predictions still count in the predicted area, so they enlarge unions. They are collected in an extra row of
 the matrix; ``strict_ignore=True`` drops them instead.

@@ -1,5 +1,5 @@
 """Published mIoU (%) to compare against: ProxyCLIP (ECCV'24) Tables 1-3 and NACLIP (WACV'25) Tables 1-2, from
-``shared/seeds``. Keys: (method, CLIP architecture, VFM or None, PAMR on)."""
+the papers' tables (docs/evaluation.md). Keys: (method, CLIP architecture, VFM or None, PAMR on)."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
