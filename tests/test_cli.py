@@ -85,7 +85,8 @@ def test_predict_subprocess_glob_and_labels_file(photos, tmp_path):
     (["predict", "{img}", "--labels", "cat", "--window", "100", "--stride", "200"], "larger than window"),
     (["predict", "{img}", "--labels", "cat", "--clip", "ViT-B-61"], "did you mean 'ViT-B-16'"),
     (["predict", "{img}"], "--labels"),
-    (["predict", "{notimg}", "--labels", "cat", "--method", "clip", "--clip-weights", "random"], "not a readable image"),
+    (["predict", "{notimg}", "--labels", "cat", "--method", "clip", "--clip-weights", "random"],
+     "not a readable image"),
 ])
 def test_cli_errors_one_line_exit_2(argv, needle, photos, tmp_path, capsys):
     d, _ = photos

@@ -5,6 +5,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+from .errors import MissingDependencyError
+
 __all__ = ["require", "is_available"]
 
 
@@ -15,7 +17,7 @@ def is_available(module: str) -> bool:
 def require(module: str, extra: str, what: str = "this feature") -> ModuleType:
     """Import ``module`` or raise ImportError naming the extra that provides it."""
     if not is_available(module):
-        raise ImportError(
+        raise MissingDependencyError(
             f"{what} needs the optional package '{module}', which is not installed. "
             f'Install it with: pip install "ovseg[{extra}]"'
         )

@@ -77,7 +77,8 @@ def _unique_stems(paths: Sequence[Path]) -> List[str]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--method", default="proxyclip", help="proxyclip (default), naclip, sclip, clearclip, maskclip, clip")
+    g.add_argument("--method", default="proxyclip",
+                   help="proxyclip (default), naclip, sclip, clearclip, maskclip, clip")
     g.add_argument("--clip", default=None, help="open_clip architecture (default ViT-B-16)")
     g.add_argument("--clip-weights", default=None,
                    help="open_clip pretrained tag (default openai), a local checkpoint file, or 'random'")

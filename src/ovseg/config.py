@@ -1,4 +1,5 @@
-"""Shared constants: normalisation statistics used by the reference pipelines (docs/methods.md, "Input and resize", "VFM input")."""
+"""Shared constants: normalisation statistics used by the reference pipelines
+(docs/methods.md, "Input and resize", "VFM input")."""
 from __future__ import annotations
 
 # OpenAI CLIP normalisation (exact values, as used to un-normalise a crop for a VFM).

@@ -26,7 +26,8 @@ def _shifted(xp: torch.Tensor, pad: int, off: Tuple[int, int], h: int, w: int) -
 
 
 @torch.no_grad()
-def pamr(image: torch.Tensor, mask: torch.Tensor, *, steps: int = 10, dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
+def pamr(image: torch.Tensor, mask: torch.Tensor, *, steps: int = 10,
+         dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
     """Refine ``mask`` (B, Q, H, W) with affinities from ``image`` (B, 3, H, W); returns float32 (B, Q, H, W)."""
     if steps <= 0:
         return mask

@@ -1,4 +1,5 @@
-"""Positional-embedding resizing used by CLIP, SCLIP, NACLIP, ProxyCLIP and DINO v1 (docs/methods.md, "Positional embeddings").
+"""Positional-embedding resizing used by CLIP, SCLIP, NACLIP, ProxyCLIP and DINO v1
+(docs/methods.md, "Positional embeddings").
 
 Bicubic (Keys, A = −0.75), align_corners False, driven by a *scale factor* ``(g + 0.1) / g0`` rather than a
 target size, so the sampling positions are ``(dst + 0.5) · g0 / (g + 0.1) − 0.5``.

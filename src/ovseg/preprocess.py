@@ -63,7 +63,8 @@ def load_image(source: Any) -> Union[np.ndarray, torch.Tensor]:
         if arr.ndim != 3 or arr.shape[2] not in (3, 4):
             raise ValueError(f"numpy images must be (H, W), (H, W, 3) or (H, W, 4), got shape {source.shape}")
         if arr.dtype != np.uint8:
-            raise TypeError(f"numpy images must be uint8 (0-255), got dtype {arr.dtype}; convert or pass a float tensor")
+            raise TypeError(f"numpy images must be uint8 (0-255), got dtype {arr.dtype}; "
+                            "convert or pass a float tensor")
         return np.ascontiguousarray(arr[..., :3])
     if isinstance(source, torch.Tensor):
         t = source

@@ -16,8 +16,8 @@ from .methods import MethodCfg, get_method
 from .preprocess import is_batch, load_image, normalize_clip, rescale_size, resize_image
 from .result import SegmentationResult
 from .sliding import slide_inference, window_grid
-from .tiling import pamr_rows, resize_rows, row_bands
 from .text import LabelSet, TextClassifier, get_templates, parse_labels
+from .tiling import pamr_rows, resize_rows, row_bands
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def postprocess(
     logit_scale: float = 40.0,
     threshold: float = 0.0,
 ):
-    """Cosine logits (Q, H, W) -> (label map (H, W) int64, class scores (C, H, W)) as the references do (docs/methods.md, "Post-processing").
+    """Cosine logits (Q, H, W) -> (label map (H, W) int64, class scores (C, H, W)) as the references do
+    (docs/methods.md, "Post-processing").
 
     Softmax over all queries of ``logits · logit_scale``; a class scores the max over its synonyms; argmax
     (ties to the lowest index); pixels whose best class score is below ``threshold`` go to class 0.

@@ -1,7 +1,7 @@
 """Text side: label parsing with synonyms, prompt templates, and the cached zero-shot text classifier.
 
-Procedure of both references (docs/methods.md, "Text classifier"; open_clip's ``build_zero_shot_classifier``): each query
-is written into every template, each prompt embedding is L2-normalised, the mean over templates is
+Procedure of both references (docs/methods.md, "Text classifier"; open_clip's ``build_zero_shot_classifier``):
+each query is written into every template, each prompt embedding is L2-normalised, the mean over templates is
 L2-normalised again. Synonyms are separate queries whose probabilities are max-pooled per class.
 """
 from __future__ import annotations
@@ -83,7 +83,8 @@ def parse_labels(labels: LabelsLike, *, synonym_sep: str = ";") -> LabelSet:
             raise TypeError(f"labels must be strings or lists of strings, got {type(item).__name__} {item!r} {where}")
         key = syns[0].lower()
         if key in seen:
-            raise ValueError(f"duplicate label {syns[0]!r} (labels[{seen[key]}] and labels[{c}]); labels must be unique")
+            raise ValueError(f"duplicate label {syns[0]!r} (labels[{seen[key]}] and labels[{c}]); "
+                             "labels must be unique")
         seen[key] = c
         names.append(syns[0])
         for s in dict.fromkeys(syns):  # drop repeated synonyms within a class, keep order

@@ -28,7 +28,7 @@ def test_hand_computed_with_absent_class():
 
 def _numpy_reference(preds, gts, c, ignore=255):
     """mmseg IoUMetric, written plainly."""
-    inter = np.zeros(c); ap = np.zeros(c); al = np.zeros(c)
+    inter, ap, al = np.zeros(c), np.zeros(c), np.zeros(c)
     for p, g in zip(preds, gts):
         keep = g != ignore
         p, g = p[keep], g[keep]
@@ -51,7 +51,8 @@ def test_equals_straightforward_numpy_with_out_of_range_labels():
         g[rng.rand(30, 40) < 0.1] = 255
         g[rng.rand(30, 40) < 0.05] = 65535  # not ignored by the reference: counts in predicted areas
         p = rng.randint(0, c, (30, 40))
-        preds.append(p); gts.append(g)
+        preds.append(p)
+        gts.append(g)
         cm.update(torch.from_numpy(p), torch.from_numpy(g))
     miou, aacc = _numpy_reference(preds, gts, c)
     m = cm.compute()

@@ -135,7 +135,7 @@ def test_pamr_is_applied_for_naclip(rgb_image):
     b = off.predict(rgb_image, LABELS, return_logits=True)
     assert not np.allclose(a.logits, b.logits)
     from ovseg.pamr import pamr
-    from ovseg.preprocess import normalize_clip, resize_image, rescale_size
+    from ovseg.preprocess import normalize_clip, rescale_size, resize_image
 
     img = torch.from_numpy(rgb_image).permute(2, 0, 1)
     x = normalize_clip(resize_image(img, rescale_size(*rgb_image.shape[:2], 336)).float())

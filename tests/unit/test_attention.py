@@ -5,9 +5,22 @@ import pytest
 import torch
 
 from ovseg.attention import (
-    gaussian_kk_attention, gaussian_kk_weights, gaussian_window, get_attention, kk_attention, list_attentions,
-    maskclip_attention, proxy_attention, proxy_weights, qq_attention, qq_kk_attention, qq_kk_weights,
-    resize_values, self_weights, vanilla_attention, vanilla_weights,
+    gaussian_kk_attention,
+    gaussian_kk_weights,
+    gaussian_window,
+    get_attention,
+    kk_attention,
+    list_attentions,
+    maskclip_attention,
+    proxy_attention,
+    proxy_weights,
+    qq_attention,
+    qq_kk_attention,
+    qq_kk_weights,
+    resize_values,
+    self_weights,
+    vanilla_attention,
+    vanilla_weights,
 )
 
 
@@ -135,7 +148,7 @@ def test_proxy_uniform_window_no_nan_keeps_diagonal():
     w = proxy_weights(feats)
     assert torch.isfinite(w).all()
     torch.testing.assert_close(w[0], torch.eye(9))
-    ref = proxy_weights(feats, keep_diagonal=False)  # the reference behaviour: NaN rows (docs/methods.md, reference quirks)
+    ref = proxy_weights(feats, keep_diagonal=False)  # the reference: NaN rows (docs/methods.md quirks)
     assert torch.isnan(ref).all()
 
 

@@ -1,4 +1,5 @@
-"""Positional-embedding interpolation (docs/methods.md, "Positional embeddings") and PAMR against independent references."""
+"""Positional-embedding interpolation (docs/methods.md, "Positional embeddings") and PAMR, against independent
+references."""
 import math
 
 import numpy as np

@@ -46,7 +46,8 @@ def test_preset_values_match_the_papers():
     n = get_method("naclip")
     assert (n.attention, n.window, n.stride, n.pamr_steps, n.pamr_dilations, n.sigma, n.residual, n.ffn) == \
         ("gaussian_kk", (224, 224), (112, 112), 10, (8, 16), 5.0, False, False)
-    assert (get_method("sclip").attention, get_method("sclip").residual, get_method("sclip").ffn) == ("qq_kk", True, True)
+    s = get_method("sclip")
+    assert (s.attention, s.residual, s.ffn) == ("qq_kk", True, True)
     assert (get_method("clearclip").attention, get_method("clearclip").residual) == ("qq", False)
     assert (get_method("maskclip").attention, get_method("maskclip").residual, get_method("maskclip").ffn) == \
         ("maskclip", True, True)

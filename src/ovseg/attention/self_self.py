@@ -43,5 +43,5 @@ def qq_kk_weights(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = 
 
 def qq_kk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
                     **_: object) -> torch.Tensor:
-    """SCLIP: ``(softmax(q qᵀ s) + softmax(k kᵀ s)) v``, as two fused attentions (the product is linear in the weights)."""
+    """SCLIP: ``(softmax(q qᵀ s) + softmax(k kᵀ s)) v``, as two fused attentions (linear in the weights)."""
     return F.scaled_dot_product_attention(q, q, v, scale=scale) + F.scaled_dot_product_attention(k, k, v, scale=scale)

@@ -33,6 +33,7 @@ def maskclip_weights(num_tokens: int, *, device=None, dtype=torch.float32) -> to
     return torch.eye(num_tokens, device=device, dtype=dtype)
 
 
-def maskclip_attention(q: Optional[torch.Tensor], k: Optional[torch.Tensor], v: torch.Tensor, **_: object) -> torch.Tensor:
+def maskclip_attention(q: Optional[torch.Tensor], k: Optional[torch.Tensor], v: torch.Tensor,
+                       **_: object) -> torch.Tensor:
     """MaskCLIP: each token's output is its own value vector (identity attention). (B, nh, L, hd)."""
     return v

@@ -1,9 +1,9 @@
 """Backbones: the open_clip adapter and the VFM zoo. Importing this fills the VFM registry (no heavy imports)."""
+from . import dino, dinov2, mae, sam, sd  # noqa: F401  (register their variants)
 from .base import VFM, VFMS, create_vfm, describe_vfms, list_vfms, register_vfm
 from .clip import CLIPAdapter, create_clip, list_clip_architectures
-from . import dino, dinov2, mae, sam, sd  # noqa: F401  (register their variants)
-from .timm_vit import TimmViTFeatures
 from .sam import SAMFeatures
+from .timm_vit import TimmViTFeatures
 
 __all__ = [
     "VFM", "VFMS", "create_vfm", "list_vfms", "register_vfm", "describe_vfms",

@@ -86,7 +86,8 @@ class CLIPAdapter(nn.Module):
         return self.model.visual
 
     def grid_size(self, height: int, width: int) -> Tuple[int, int]:
-        """Token grid of an input: the conv stem floors, so trailing rows/columns get no token (docs/methods.md, "Sliding windows")."""
+        """Token grid of an input: the conv stem floors, so trailing rows/columns get no token
+        (docs/methods.md, "Sliding windows")."""
         return height // self.patch_size[0], width // self.patch_size[1]
 
     def forward_trunk(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:

@@ -1,4 +1,5 @@
-"""Segment Anything image encoders (Kirillov et al., ICCV 2023) via timm's ``samvit_*`` (docs/methods.md, "VFM features").
+"""Segment Anything image encoders (Kirillov et al., ICCV 2023) via timm's ``samvit_*``
+(docs/methods.md, "VFM features").
 
 The (ImageNet-normalised) crop is *stretched* to 1024x1024 (bilinear, align_corners False; not SAM's
 pad-to-square) and the 256-channel neck output (B, 256, 64, 64) is the feature map, whatever the crop's shape.

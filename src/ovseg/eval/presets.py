@@ -1,4 +1,5 @@
-"""Per-method, per-dataset evaluation settings exactly as the reference configs (docs/evaluation.md, "Reference settings per method").
+"""Per-method, per-dataset evaluation settings exactly as the reference configs
+(docs/evaluation.md, "Reference settings per method").
 
 Each repository ships its own class-name files (they differ: NACLIP/SCLIP add synonyms for person and tvmonitor
 and split on ", ", ProxyCLIP splits on "; " and uses ADE-847's comma-separated names whole). They live in

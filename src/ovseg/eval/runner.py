@@ -168,9 +168,9 @@ def run_eval(seg, dataset_name: str, root: str, *, out_dir: Optional[str] = None
         "confusion_matrix": cm.mat.cpu().numpy().tolist(),
     }
     if pub and dataset_name in pub["miou"]:
-        result["published"] = {"mIoU": pub["miou"][dataset_name], "source": pub["source"],
-                               "clip_weights": pub["clip_weights"],
-                               "diff": None if metrics["mIoU"] is None else round(metrics["mIoU"] - pub["miou"][dataset_name], 2)}
+        theirs = pub["miou"][dataset_name]
+        result["published"] = {"mIoU": theirs, "source": pub["source"], "clip_weights": pub["clip_weights"],
+                               "diff": None if metrics["mIoU"] is None else round(metrics["mIoU"] - theirs, 2)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{tag}.json").write_text(json.dumps(result, indent=2))
