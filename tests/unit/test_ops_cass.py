@@ -30,8 +30,10 @@ def clip_normalise(rgb: np.ndarray) -> torch.Tensor:
 def pil_dino_input(rgb: np.ndarray) -> torch.Tensor:
     """The reference's window -> DINO conversion re-derived with numpy and PIL (not the official code)."""
     x = clip_normalise(rgb)[0].numpy()
-    m, s = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.255], np.float32)
-    u = (x - (-m / s)[:, None, None].astype(np.float32)) / (1 / s)[:, None, None].astype(np.float32)
+    # torchvision Normalize(mean=-m/s, std=1/s), the constants computed in double then stored as float32
+    mean = np.array([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.255], np.float32)[:, None, None]
+    std = np.array([1 / 0.229, 1 / 0.224, 1 / 0.255], np.float32)[:, None, None]
+    u = (x - mean) / std
     img = Image.fromarray((u.transpose(1, 2, 0) * 255).astype(np.uint8))
     r = min(img.size)
     img = img.resize((r, r))
