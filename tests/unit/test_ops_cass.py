@@ -147,14 +147,24 @@ def test_minmax_and_key_range():
 # ------------------------------------------------------------------------------ spectra and matching
 
 
+@pytest.mark.parametrize("method", ["graph", "gram"])
 @pytest.mark.parametrize("n,hd,num", [(30, 24, 20), (12, 24, 20), (30, 6, 10)])
-def test_key_spectra_equal_eigenvalues_of_the_token_graph(n, hd, num):
+def test_key_spectra_equal_eigenvalues_of_the_token_graph(n, hd, num, method):
     keys = randn(3, 2, 3, n, hd).double()
     s = 0.125
     ref = torch.linalg.eigvalsh(keys @ keys.transpose(-2, -1) * s).flip(-1)[..., :min(num, n)]
-    out = C.key_spectra(keys, scale=s, num_eigs=num)
+    out = C.key_spectra(keys, scale=s, num_eigs=num, method=method)
     assert out.shape == (2, 3, min(num, n)) and out.dtype == torch.float64
     torch.testing.assert_close(out, ref.clamp_min(0) if hd < num else ref, atol=1e-9, rtol=1e-9)
+
+
+def test_key_spectra_graph_method_is_the_reference_computation():
+    keys = randn(4, 1, 3, 40, 16)  # float32 keys: the graph is built in float32, then decomposed in float64
+    a = (keys @ keys.transpose(-2, -1)) * 0.125
+    ref = torch.stack([torch.linalg.eigvalsh(a[0, h].double()).sort(descending=True).values[:20] for h in range(3)])
+    assert torch.equal(C.key_spectra(keys, scale=0.125)[0], ref)
+    with pytest.raises(InvalidInputError, match="method"):
+        C.key_spectra(keys, scale=0.125, method="svd")
 
 
 def test_spectral_distances_hand_example():
@@ -176,6 +186,16 @@ def test_match_heads_maximises_distance_and_the_index_swap():
     torch.testing.assert_close(fixed.weight, torch.tensor([[0.7, 0.9, 0.8]]), atol=1e-7, rtol=0)
     ties = C.match_heads(torch.full((2, 4, 4), 0.5, dtype=torch.float64))
     assert ties.assignment.tolist() == [[0, 1, 2, 3]] * 2  # a constant cost: scipy returns the identity
+    # the cost is float32(1 - W), as in the reference: a float64 preference below float32 resolution is a tie
+    anti = torch.full((1, 3, 3), 0.5, dtype=torch.float64) + 1e-12 * torch.eye(3, dtype=torch.float64).flip(-1)
+    assert C.match_heads(anti).assignment.tolist() == [[0, 1, 2]]
+    assert C.match_heads(anti + 1e-6 * torch.eye(3, dtype=torch.float64).flip(-1)).assignment.tolist() == [[2, 1, 0]]
+    # separable distances W[i, j] = a_i + b_j: every assignment has the same exact total; the float32 rounding
+    # of the cost and scipy's order decide, so ovseg must hand scipy the very same float32 matrix
+    from scipy.optimize import linear_sum_assignment
+
+    sep = (torch.tensor([0.1, 0.3, 0.2])[:, None] + torch.tensor([0.05, 0.0, 0.1])[None, :]).double()[None]
+    assert C.match_heads(sep).assignment[0].tolist() == linear_sum_assignment((1 - sep[0]).float().numpy())[1].tolist()
     batch = torch.cat([w, w.flip(-1)])
     mb = C.match_heads(batch)
     assert mb.assignment[1].tolist() == C.match_heads(w.flip(-1)).assignment[0].tolist()

@@ -256,16 +256,21 @@ def match_key_range(vfm_keys: torch.Tensor, clip_keys: torch.Tensor) -> torch.Te
 # ------------------------------------------------------------------------------------- spectra, matching
 
 
-def key_spectra(keys: torch.Tensor, *, scale: float, num_eigs: int = 20) -> torch.Tensor:
+def key_spectra(keys: torch.Tensor, *, scale: float, num_eigs: int = 20, method: str = "graph") -> torch.Tensor:
     """Top eigenvalues of each head's key graph ``A = K Kᵀ·scale`` (L x L), in float64, descending.
 
-    The non-zero eigenvalues of ``K Kᵀ`` are those of the (hd x hd) Gram matrix ``Kᵀ K``, which is what is
-    decomposed here (the reference decomposes the L x L matrix with ``eigvalsh``; same values up to rounding).
+    ``method="graph"`` (default) decomposes what the reference decomposes: ``A`` built in the dtype of ``keys``,
+    cast to float64, ``eigvalsh`` (lower triangle), one head at a time (O(L³) per head). ``method="gram"`` uses
+    the (hd x hd) Gram matrix ``Kᵀ K`` in float64, whose non-zero eigenvalues are those of ``K Kᵀ``: the same
+    values up to rounding at O(L·hd²), but the head matching downstream is a discrete choice that can sit on exact
+    ties (see :func:`match_heads`), so only the graph method reproduces the reference's choice bit for bit.
 
     Args:
         keys: (B, nh, L, hd).
         scale: the attention scale (CLIP's head_dim^-1/2 for both models in the reference).
-        num_eigs: how many eigenvalues (20 in the reference); at most L are returned, zero-padded past rank hd.
+        num_eigs: how many eigenvalues (20 in the reference); at most L are returned (zero-padded past rank hd
+            with ``"gram"``).
+        method: ``"graph"`` or ``"gram"``.
 
     Returns:
         (B, nh, min(num_eigs, L)) float64.
@@ -273,9 +278,18 @@ def key_spectra(keys: torch.Tensor, *, scale: float, num_eigs: int = 20) -> torc
     _check_tensor(keys, "keys", 4)
     if int(num_eigs) < 1:
         _fail(f"num_eigs must be >= 1, got {num_eigs!r}")
+    if method not in ("graph", "gram"):
+        _fail(f"method must be 'graph' or 'gram', got {method!r}")
+    n = min(int(num_eigs), keys.shape[-2])
+    if method == "graph":
+        out = []
+        for h in range(keys.shape[1]):  # one (B, L, L) graph at a time
+            kh = keys[:, h]
+            a = ((kh @ kh.transpose(-2, -1)) * scale).double()
+            out.append(torch.linalg.eigvalsh(a).flip(-1)[..., :n])
+        return torch.stack(out, dim=1)
     k64 = keys.double()
     ev = torch.linalg.eigvalsh(k64.transpose(-2, -1) @ k64 * scale).flip(-1)  # (B, nh, hd) descending
-    n = min(int(num_eigs), keys.shape[-2])
     if ev.shape[-1] < n:
         ev = F.pad(ev, (0, n - ev.shape[-1]))
     return ev[..., :n]
@@ -284,8 +298,8 @@ def key_spectra(keys: torch.Tensor, *, scale: float, num_eigs: int = 20) -> torc
 def spectral_distances(vfm_spectra: torch.Tensor, clip_spectra: torch.Tensor) -> torch.Tensor:
     """Wasserstein-1 distance between L1-normalised spectra: ``W[b, i, j] = Σ_t |sort(p_i)_t − sort(c_j)_t|``.
 
-    Each spectrum is divided by its L1 norm (the reference first L2- then L1-normalises, which is the same),
-    both are sorted and compared element by element.
+    Each spectrum is L2- then L1-normalised (as the reference; the same as L1 alone up to rounding), both are
+    sorted and compared element by element.
 
     Args:
         vfm_spectra: (B, nh_v, n) rows i = VFM heads.
@@ -298,8 +312,9 @@ def spectral_distances(vfm_spectra: torch.Tensor, clip_spectra: torch.Tensor) ->
     _check_tensor(clip_spectra, "clip spectra", 3)
     if vfm_spectra.shape[0] != clip_spectra.shape[0] or vfm_spectra.shape[-1] != clip_spectra.shape[-1]:
         _fail(f"spectra shapes {tuple(vfm_spectra.shape)} and {tuple(clip_spectra.shape)} do not match")
-    p = F.normalize(vfm_spectra.double(), p=1, dim=-1).sort(dim=-1).values
-    c = F.normalize(clip_spectra.double(), p=1, dim=-1).sort(dim=-1).values
+    # L2 then L1, as the reference does (the L2 step changes nothing but rounding)
+    p = F.normalize(F.normalize(vfm_spectra.double(), dim=-1), p=1, dim=-1).sort(dim=-1).values
+    c = F.normalize(F.normalize(clip_spectra.double(), dim=-1), p=1, dim=-1).sort(dim=-1).values
     return (p[:, :, None, :] - c[:, None, :, :]).abs().sum(dim=-1)
 
 
@@ -524,6 +539,7 @@ def _prepare(
     strength: float,
     swap_quirk: bool,
     matching: str,
+    spectra: str,
 ):
     _check_tensor(k, "clip keys", 4)
     _check_tensor(vfm_keys, "vfm keys", 4)
@@ -544,8 +560,8 @@ def _prepare(
     kd = resize_keys(vfm_keys.to(kc.dtype), vfm_grid, (gh, gw))  # (B, nh, L, hd_v)
     kd = match_key_range(kd, kc)
     if matching == "spectral":
-        dist = spectral_distances(key_spectra(kd, scale=scale, num_eigs=num_eigs),
-                                  key_spectra(kc, scale=scale, num_eigs=num_eigs))
+        dist = spectral_distances(key_spectra(kd, scale=scale, num_eigs=num_eigs, method=spectra),
+                                  key_spectra(kc, scale=scale, num_eigs=num_eigs, method=spectra))
         match = match_heads(dist, swap_quirk=swap_quirk)
         mix = match.weight.float() * float(strength)  # float32, as the reference's w_d · scale_factor
     else:  # the reference's 'sequential' strategy: head h with head h, plain average
@@ -569,6 +585,7 @@ def distilled_logits(
     eigenscaling: bool = True,
     swap_quirk: bool = True,
     matching: str = "spectral",
+    spectra: str = "graph",
     svd: str = "exact",
     niter: int = 2,
     generator: Optional[torch.Generator] = None,
@@ -588,6 +605,8 @@ def distilled_logits(
         scale: attention scale for both graphs (default CLIP's hd^-1/2, as the reference).
         num_eigs, rank, strength: 20, 10 and 10.0 in the reference.
         eigenscaling, swap_quirk, svd, niter: see :func:`lowrank_graph` and :func:`match_heads`.
+        spectra: how the eigenvalues for the matching are computed (:func:`key_spectra`); ``"graph"`` (default)
+            reproduces the reference's matching bit for bit, ``"gram"`` is O(L·hd²) instead of O(L³) per head.
         generator: for ``svd="randomized"``: the generator of the test matrices (None: torch's global one).
 
     Returns:
@@ -595,7 +614,7 @@ def distilled_logits(
     """
     kc, kd, match, mix, scale, grid = _prepare(k, vfm_keys, grid=grid, vfm_grid=vfm_grid, scale=scale,
                                                num_eigs=num_eigs, strength=strength, swap_quirk=swap_quirk,
-                                               matching=matching)
+                                               matching=matching, spectra=spectra)
     b, nh, n, _ = kc.shape
     sk = draw_sketches(b, nh, n, min(int(rank), n), generator=generator, device=k.device) \
         if svd == "randomized" else None
@@ -624,6 +643,7 @@ def cass_attention(
     eigenscaling: bool = True,
     swap_quirk: bool = True,
     matching: str = "spectral",
+    spectra: str = "graph",
     svd: str = "exact",
     niter: int = 2,
     generator: Optional[torch.Generator] = None,
@@ -641,8 +661,8 @@ def cass_attention(
     Args:
         q: unused (may be None).
         k, v: (B, nh, 1 + gh·gw, hd) CLIP's last-block keys and values, CLS first.
-        grid, vfm_keys, vfm_grid, scale, num_eigs, rank, strength, eigenscaling, swap_quirk, matching, svd,
-            niter, generator: as in :func:`distilled_logits`.
+        grid, vfm_keys, vfm_grid, scale, num_eigs, rank, strength, eigenscaling, swap_quirk, matching, spectra,
+            svd, niter, generator: as in :func:`distilled_logits`.
         sigma: the Gaussian's standard deviation in patches (5.0).
         return_weights: also return the (B, nh, L, L) attention weights (memory grows with nh·L²).
 
@@ -654,7 +674,7 @@ def cass_attention(
         _fail(f"keys {tuple(k.shape)} and values {tuple(v.shape)} disagree")
     kc, kd, match, mix, scale, grid = _prepare(k, vfm_keys, grid=grid, vfm_grid=vfm_grid, scale=scale,
                                                num_eigs=num_eigs, strength=strength, swap_quirk=swap_quirk,
-                                               matching=matching)
+                                               matching=matching, spectra=spectra)
     b, nh, n, _ = kc.shape
     vc = v[:, :, 1:]
     sk = draw_sketches(b, nh, n, min(int(rank), n), generator=generator, device=k.device) \
