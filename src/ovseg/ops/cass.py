@@ -22,10 +22,11 @@ distance threshold), :func:`presence_prior` (cosine of a CLIP CLS embedding with
 :func:`presence_logits` (``(1−β)·F T'ᵀ + β·prior``).
 
 Deliberate differences from the reference, each documented where it applies: the rank-10 reconstruction is an
-exact truncated decomposition by default (the reference's randomised ``torch.svd_lowrank`` is an option);
-spectra and the exact reconstruction are computed from the small ``Kᵀ K`` Gram matrix (the same numbers up to
-rounding, O(L·hd²) instead of O(L³)); ranges that are empty give finite values where the reference divides by
-zero; top-k ties go to the lowest token index. The reference's head-index swap is reproduced by default.
+exact truncated decomposition by default, computed from the small ``Kᵀ K`` Gram matrix (the reference's
+randomised ``torch.svd_lowrank`` is an option); ranges that are empty give finite values where the reference
+divides by zero; top-k ties go to the lowest token index. The head matching is reproduced bit for bit by
+default (spectra of the L x L graph, float32 cost, scipy), because it often sits on exact ties; the reference's
+head-index swap is reproduced by default too.
 """
 from __future__ import annotations
 
