@@ -134,7 +134,10 @@ class Segmenter:
         strategy = self.cfg.strategy_cls(**self.cfg.strategy_options)
         self.model = DenseModel(clip_model, strategy, vfms).to(self.device).eval()
         self.text = TextClassifier(self.model.clip)
-        self.band_pixels = 1 << 21  # full-resolution post-processing works on bands of at most this many pixels
+        # full-resolution post-processing works on bands of rows: at most band_pixels pixels and about band_bytes
+        # of float32 temporaries (the band's logits, class scores and their softmax, ~3 x (Q + C) per pixel)
+        self.band_pixels = 1 << 21
+        self.band_bytes = 256 << 20
         self.memory_budget = memory_budget
         self.compiled = bool(compile)
         if compile:
@@ -315,9 +318,9 @@ class Segmenter:
             return pamr_rows(ctx.x, lg, size, r0, r1, steps=self.cfg.pamr_steps, dilations=self.cfg.pamr_dilations)
         return resize_rows(lg, size, r0, r1)
 
-    def _bands(self, ctx: ImageContext, progress: bool, what: str):
+    def _bands(self, ctx: ImageContext, progress: bool, what: str, channels: int = 1):
         h0, w0 = ctx.size
-        pixels = self.band_pixels
+        pixels = max(w0, min(self.band_pixels, self.band_bytes // (12 * max(channels, 1))))
         if self.cfg.pamr_steps > 0:  # PAMR bands carry steps·max(d) halo rows on each side: keep them <= 1/2
             pixels = max(pixels, 4 * self.cfg.pamr_steps * max(self.cfg.pamr_dilations) * w0)
         bands = list(row_bands(h0, w0, pixels))
@@ -340,7 +343,7 @@ class Segmenter:
         dropped = None
         if head.area_threshold > 0:
             counts = torch.zeros(nc, dtype=torch.int64, device=lg.device)
-            for r0, r1 in self._bands(ctx, progress, "area filter"):
+            for r0, r1 in self._bands(ctx, progress, "area filter", nq + nc):
                 counts += head.area_counts(head.scores(self._band_logits(ctx, lg, r0, r1), qc, nc))
             dropped = head.dropped_classes(counts)
         out_dev = lg.device if on_device else torch.device("cpu")
@@ -349,7 +352,7 @@ class Segmenter:
         probs = torch.empty((nc, h0, w0), dtype=torch.float32, device=out_dev) if return_probs else None
         logits = torch.empty((nq, h0, w0), dtype=torch.float32, device=out_dev) if return_logits else None
         need_values = (score is not None or probs is not None or logits is not None)
-        for r0, r1 in self._bands(ctx, progress, "post-processing"):
+        for r0, r1 in self._bands(ctx, progress, "post-processing", nq + nc):
             band = self._band_logits(ctx, lg, r0, r1)
             scores = head.scores(band, qc, nc)
             lab, _ = head.classify(scores, dropped)
@@ -363,7 +366,7 @@ class Segmenter:
 
             labels = strategy.postprocess(self.model, labels.to(lg.device), ctx, scores_at).to(out_dev)
             if need_values:
-                for r0, r1 in self._bands(ctx, progress, "post-processing"):
+                for r0, r1 in self._bands(ctx, progress, "post-processing", nq + nc):
                     band = self._band_logits(ctx, lg, r0, r1)
                     self._fill(r0, r1, band, head.scores(band, qc, nc), labels[r0:r1].to(lg.device), score, probs,
                                logits, out_dev)
@@ -372,11 +375,11 @@ class Segmenter:
     @staticmethod
     def _fill(r0: int, r1: int, band: torch.Tensor, scores: torch.Tensor, lab: torch.Tensor, score, probs, logits,
               out_dev: torch.device) -> None:
-        norm = scores / scores.sum(dim=0, keepdim=True)  # renormalised class probabilities
+        total = scores.sum(dim=0, keepdim=True)  # class probabilities are renormalised to sum to 1 per pixel
         if score is not None:
-            score[r0:r1] = norm.gather(0, lab[None])[0].to(out_dev)
+            score[r0:r1] = (scores.gather(0, lab[None]) / total)[0].to(out_dev)
         if probs is not None:
-            probs[:, r0:r1] = norm.to(out_dev)
+            probs[:, r0:r1] = (scores / total).to(out_dev)
         if logits is not None:
             logits[:, r0:r1] = band.to(out_dev)
 
