@@ -135,7 +135,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         iterator = tqdm(list(iterator), desc="images", unit="img", file=sys.stderr)
     for path, stem in iterator:
-        res = seg.predict(str(path), labelset, threshold=args.threshold)
+        res = seg.predict(str(path), labelset, threshold=args.threshold, return_probs=args.save_probs)
         paths = res.save(out, stem, save_probs=args.save_probs, alpha=args.alpha)
         records.append({
             "file": str(path), "height": res.size[0], "width": res.size[1],

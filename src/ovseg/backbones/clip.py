@@ -16,8 +16,10 @@ import torch.nn.functional as F
 
 from .._registry import suggest
 from ..attention import AttentionStrategy
+from ..errors import InvalidInputError
 from ..pos_embed import interpolate_pos_embed
 from ..weights import WeightsUnavailableError, load_state_dict_file, muted_root_logger, resolve_path, seeded
+from .hooks import Collect, Intermediates, attention_weights
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,12 @@ def _is_plain_vit_cfg(cfg: Optional[dict]) -> bool:
 
 
 class CLIPAdapter(nn.Module):
-    """Wraps an open_clip ``CLIP`` model whose visual tower is open_clip's ``VisionTransformer``."""
+    """Wraps an open_clip ``CLIP`` model whose visual tower is open_clip's ``VisionTransformer``.
+
+    Implements the :class:`ovseg.backbones.CLIPBackbone` protocol: the trunk with layer hooks
+    (:meth:`forward_intermediates`), per-block pieces (:meth:`qkv`, :meth:`attn_out`, :meth:`ffn`), the last block
+    with an attention strategy, the projection head and the text tower.
+    """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, arch: str = "custom", weights: str = "custom"):
         super().__init__()
@@ -57,15 +64,16 @@ class CLIPAdapter(nn.Module):
 
         visual = getattr(model, "visual", None)
         if not isinstance(visual, VisionTransformer):
-            raise ValueError(
+            raise InvalidInputError(
                 f"CLIP architecture '{arch}' has a {type(visual).__name__} image tower; ovseg needs open_clip's "
                 "VisionTransformer (ViT-B-16, ViT-L-14, ViT-H-14, ...)"
             )
         if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
-            raise ValueError(f"CLIP architecture '{arch}' pools its tokens in a way ovseg does not support")
+            raise InvalidInputError(f"CLIP architecture '{arch}' pools its tokens in a way ovseg does not support")
+        if not all(isinstance(b, ResidualAttentionBlock) and not hasattr(b, "ln_1_kv")
+                   for b in visual.transformer.resblocks):
+            raise InvalidInputError(f"CLIP architecture '{arch}' uses custom attention blocks, not supported")
         last = visual.transformer.resblocks[-1]
-        if not isinstance(last, ResidualAttentionBlock) or hasattr(last, "ln_1_kv"):
-            raise ValueError(f"CLIP architecture '{arch}' uses custom attention blocks, not supported")
         self.model = model
         self.tokenizer = tokenizer
         self.arch = arch
@@ -74,6 +82,7 @@ class CLIPAdapter(nn.Module):
         self.base_grid: Tuple[int, int] = tuple(visual.grid_size)
         self.width: int = visual.transformer.width
         self.num_heads: int = last.attn.num_heads
+        self.num_blocks: int = len(visual.transformer.resblocks)
         self.embed_dim: int = visual.output_dim
         # True: lay out the last block's projections like torch's MultiheadAttention slow path, which makes the
         # vanilla strategy bit-identical to open_clip's block; False (default): contiguous and much faster
@@ -85,18 +94,25 @@ class CLIPAdapter(nn.Module):
     def visual(self):
         return self.model.visual
 
+    def block(self, i: int) -> nn.Module:
+        """open_clip's ``ResidualAttentionBlock`` number ``i`` (0-based; negative counts from the end)."""
+        return self.visual.transformer.resblocks[i]
+
     def grid_size(self, height: int, width: int) -> Tuple[int, int]:
         """Token grid of an input: the conv stem floors, so trailing rows/columns get no token
         (docs/methods.md, "Sliding windows")."""
         return height // self.patch_size[0], width // self.patch_size[1]
 
-    def forward_trunk(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Embeddings and blocks 1..L−1. x: (B, 3, H, W) CLIP-normalised -> ((B, 1+gh·gw, D), (gh, gw))."""
+    def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Patch embedding, CLS, positional embedding (resized for the grid) and ``ln_pre``.
+
+        x: (B, 3, H, W) CLIP-normalised -> ((B, 1+gh·gw, D), (gh, gw)).
+        """
         vis = self.visual
         x = vis.conv1(x)  # (B, D, gh, gw)
         grid = (x.shape[-2], x.shape[-1])
         if grid[0] < 1 or grid[1] < 1:
-            raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than one {self.patch_size} patch")
+            raise InvalidInputError(f"input {tuple(x.shape[-2:])} is smaller than one {self.patch_size} patch")
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         cls = vis.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
@@ -104,32 +120,116 @@ class CLIPAdapter(nn.Module):
         patch_pos = interpolate_pos_embed(pos[1:], self.base_grid, grid)
         x = x + torch.cat([pos[:1], patch_pos], dim=0).to(x.dtype)
         x = vis.patch_dropout(x)
-        x = vis.ln_pre(x)
-        blocks = vis.transformer.resblocks
-        if torch.is_autocast_enabled(x.device.type):
+        return vis.ln_pre(x), grid
+
+    def forward_intermediates(self, x: torch.Tensor, collect: Optional[Collect] = None) -> Intermediates:
+        """Embeddings and blocks 1..L−1 (every block but the last), collecting what ``collect`` names.
+
+        Args:
+            x: (B, 3, H, W) CLIP-normalised.
+            collect: block outputs (``tokens``), per-head ``qkv`` and ``attn`` weights of blocks 0..L−2.
+
+        Returns:
+            :class:`Intermediates` whose ``x`` is the input of the last block, (B, 1+gh·gw, D).
+        """
+        collect = (collect or Collect()).resolved(self.num_blocks, limit=self.num_blocks - 1,
+                                                 owner=f"CLIP '{self.arch}'")
+        x, grid = self.embed(x)
+        out = Intermediates(x, grid)
+        blocks = self.visual.transformer.resblocks[:-1]
+        explicit = set(collect.qkv) | set(collect.attn)
+        if torch.is_autocast_enabled(x.device.type) or explicit:
             # torch's MultiheadAttention leaves its fused fast path under autocast and projects a transposed
             # view, which F.linear turns into a huge expanded copy; the same block math, laid out contiguously
-            for blk in blocks[:-1]:
-                x = self._block(blk, x)
-            return x, grid
-        batch_first = getattr(vis.transformer, "batch_first", False)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        for blk in blocks[:-1]:
-            x = blk(x)  # open_clip's own block (fused MHA fast path in inference)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        return x, grid
+            for i in range(len(blocks)):
+                x, qkv, attn = self.run_block(i, x, want_qkv=i in collect.qkv, want_attn=i in collect.attn)
+                if qkv is not None:
+                    out.qkv[i] = qkv
+                if attn is not None:
+                    out.attn[i] = attn
+                if i in collect.tokens:
+                    out.tokens[i] = x
+        else:
+            batch_first = getattr(self.visual.transformer, "batch_first", False)
+            if not batch_first:
+                x = x.transpose(0, 1)
+            for i, blk in enumerate(blocks):
+                x = blk(x)  # open_clip's own block (fused MHA fast path in inference)
+                if i in collect.tokens:
+                    out.tokens[i] = x if batch_first else x.transpose(0, 1)
+            if not batch_first:
+                x = x.transpose(0, 1)
+        out.x = x
+        return out
+
+    def forward_trunk(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Embeddings and blocks 1..L−1. x: (B, 3, H, W) CLIP-normalised -> ((B, 1+gh·gw, D), (gh, gw))."""
+        out = self.forward_intermediates(x)
+        return out.x, out.grid
+
+    # per-block pieces, used by strategies that rebuild a block -----------------------------------
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> per head (B, nh, T, hd)."""
+        b, n, d = t.shape
+        return t.reshape(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def merge_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """Per head (B, nh, T, hd) -> (B, T, D)."""
+        b, nh, n, hd = t.shape
+        return t.transpose(1, 2).reshape(b, n, nh * hd)
+
+    def qkv(self, i: int, y: torch.Tensor, needs: str = "qkv") -> Tuple[Optional[torch.Tensor], ...]:
+        """Block ``i``'s in-projection of its normalised input ``y = ln_1(x)`` (B, T, D): per-head q, k, v
+        (B, nh, T, hd), computing only the ones named in ``needs`` (None for the others)."""
+        attn = self.block(i).attn
+        d = y.shape[-1]
+        w, bias = attn.in_proj_weight, attn.in_proj_bias
+        if set(needs) == {"q", "k", "v"}:
+            return tuple(self.heads(t) for t in F.linear(y, w, bias).chunk(3, dim=-1))
+        out = []
+        for j, name in enumerate("qkv"):
+            if name in needs:
+                out.append(self.heads(F.linear(y, w[j * d:(j + 1) * d],
+                                               None if bias is None else bias[j * d:(j + 1) * d])))
+            else:
+                out.append(None)
+        return tuple(out)
+
+    def attn_out(self, i: int, o: torch.Tensor) -> torch.Tensor:
+        """Block ``i``'s output projection of per-head attention outputs (B, nh, T, hd) -> (B, T, D)."""
+        attn = self.block(i).attn
+        return F.linear(self.merge_heads(o), attn.out_proj.weight, attn.out_proj.bias)
+
+    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i``'s second sub-block without its residual: ``ls_2(mlp(ln_2 x))``."""
+        blk = self.block(i)
+        return blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+    def run_block(
+        self, i: int, x: torch.Tensor, *, want_qkv: bool = False, want_attn: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], Optional[torch.Tensor]]:
+        """Block ``i`` (pre-LN, full attention) on (B, T, D) with contiguous projections.
+
+        Returns (output (B, T, D), (q, k, v) per head when ``want_qkv``, attention weights (B, nh, T, T) when
+        ``want_attn``). ``attn_mask``: boolean (True = allowed) or additive, broadcastable to (B, nh, T, T).
+        """
+        blk = self.block(i)
+        q, k, v = self.qkv(i, blk.ln_1(x))
+        weights = None
+        if want_attn:
+            weights = attention_weights(q, k, q.shape[-1] ** -0.5, attn_mask)
+            o = weights @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + blk.ls_1(self.attn_out(i, o))
+        x = x + self.ffn(i, x)
+        return x, ((q, k, v) if want_qkv else None), weights
 
     def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """open_clip's ResidualAttentionBlock (pre-LN, full attention) on (B, L, D) with contiguous projections."""
-        b, n, d = x.shape
-        nh = blk.attn.num_heads
-        qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, nh, d // nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hd)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        x = x + blk.ls_1(F.linear(a, blk.attn.out_proj.weight, blk.attn.out_proj.bias))
-        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        i = list(self.visual.transformer.resblocks).index(blk)
+        return self.run_block(i, x)[0]
 
     def forward_last_block(
         self,
@@ -146,53 +246,49 @@ class CLIPAdapter(nn.Module):
 
         x: (B, 1+gh·gw, D). Returns (tokens (B, L', D), output grid, whether token 0 is CLS).
         """
-        blk = self.visual.transformer.resblocks[-1]
+        blk = self.block(-1)
         attn = blk.attn
         b, n, d = x.shape
         nh, hd = self.num_heads, d // self.num_heads
         y = blk.ln_1(x)  # (B, L, D), contiguous: F.linear on a transposed view is pathologically slow
+        if strategy.uses_vfm and vfm_feats is None:
+            raise InvalidInputError(f"attention '{strategy.name}' needs VFM features (vfm_feats)")
         if self.mha_layout:  # torch MultiheadAttention's (L, B, D) layout: bit-identical to open_clip, slower
             y = y.transpose(0, 1)
-        w, bias = attn.in_proj_weight, attn.in_proj_bias
-        if strategy.needs == {"q", "k", "v"}:
-            q, k, v = F.linear(y, w, bias).chunk(3, dim=-1)
-        else:  # project only what the strategy reads
-            def _proj(i: int) -> Optional[torch.Tensor]:
-                if "qkv"[i] not in strategy.needs:
-                    return None
-                return F.linear(y, w[i * d:(i + 1) * d], None if bias is None else bias[i * d:(i + 1) * d])
-            q, k, v = _proj(0), _proj(1), _proj(2)
-
-        def heads(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            if t is None:
-                return None
-            if self.mha_layout:
-                return t.contiguous().view(n, b * nh, hd).transpose(0, 1).view(b, nh, n, hd)
-            return t.reshape(b, n, nh, hd).transpose(1, 2)  # (B, nh, L, hd)
-
-        if strategy.uses_vfm and vfm_feats is None:
-            raise ValueError(f"attention '{strategy.name}' needs VFM features (vfm_feats)")
-        out = strategy.fn(heads(q), heads(k), heads(v), scale=hd ** -0.5, grid=grid, vfm_feats=vfm_feats, **params)
+            w, bias = attn.in_proj_weight, attn.in_proj_bias
+            q, k, v = [None if name not in strategy.needs else
+                       F.linear(y, w[j * d:(j + 1) * d], None if bias is None else bias[j * d:(j + 1) * d])
+                       .contiguous().view(n, b * nh, hd).transpose(0, 1).view(b, nh, n, hd)
+                       for j, name in enumerate("qkv")]
+        else:
+            q, k, v = self.qkv(-1, y, "".join(sorted(strategy.needs)))
+        out = strategy.fn(q, k, v, scale=hd ** -0.5, grid=grid, vfm_feats=vfm_feats, **params)
         out_grid = tuple(vfm_feats.shape[-2:]) if strategy.uses_vfm else grid
         m = out.shape[2]
         if self.mha_layout:
             out = F.linear(out.permute(2, 0, 1, 3).reshape(m * b, d), attn.out_proj.weight, attn.out_proj.bias)
             out = out.view(m, b, d).transpose(0, 1)
         else:
-            out = out.transpose(1, 2).reshape(b, m, d)  # merge heads -> (B, L', D)
-            out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+            out = self.attn_out(-1, out)  # merge heads -> (B, L', D)
         if residual:
             if out.shape[1] != n:
-                raise ValueError(f"attention '{strategy.name}' changes the token count; it needs residual=False")
+                raise InvalidInputError(f"attention '{strategy.name}' changes the token count; "
+                                        "it needs residual=False")
             out = x + blk.ls_1(out)
         if ffn:
-            out = out + blk.ls_2(blk.mlp(blk.ln_2(out)))
+            out = out + self.ffn(-1, out)
         return out, out_grid, strategy.keeps_cls
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``ln_post`` then ``proj`` on every token: (B, L, D) -> (B, L, E)."""
         x = self.visual.ln_post(x)
         return x @ self.visual.proj if self.visual.proj is not None else x
+
+    def to_map(self, feats: torch.Tensor, grid: Tuple[int, int], *, has_cls: bool) -> torch.Tensor:
+        """Projected tokens (B, [1+]gh·gw, E) -> a dense map (B, E, gh, gw), CLS dropped."""
+        if has_cls:
+            feats = feats[:, 1:]
+        return feats.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], grid[0], grid[1])
 
     def forward_dense(
         self,
@@ -208,10 +304,7 @@ class CLIPAdapter(nn.Module):
         tokens, grid = self.forward_trunk(x)
         tokens, grid, has_cls = self.forward_last_block(
             tokens, grid, strategy, residual=residual, ffn=ffn, vfm_feats=vfm_feats, **params)
-        feats = self.project(tokens)
-        if has_cls:
-            feats = feats[:, 1:]
-        return feats.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], grid[0], grid[1])
+        return self.to_map(self.project(tokens), grid, has_cls=has_cls)
 
     # ------------------------------------------------------------------ text side
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

@@ -9,9 +9,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import InvalidInputError
 from ..pos_embed import resize_pos_embed
 from ..weights import WeightsUnavailableError, load_state_dict_file, seeded
 from .base import VFM
+from .hooks import Collect, Intermediates, timm_block_forward
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,18 @@ class TimmViTFeatures(VFM):
         if std is not None:
             self.std = tuple(std)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_blocks(self) -> int:
+        return len(self.vit.blocks)
+
+    def forward_intermediates(self, x: torch.Tensor, collect: Optional[Collect] = None) -> Intermediates:
+        """All blocks and the final norm, collecting what ``collect`` names (see :mod:`ovseg.backbones.hooks`).
+
+        x: (B, 3, H, W) normalised with ``mean``/``std``. Returns :class:`Intermediates` whose ``x`` is the final
+        normed sequence (B, prefix + h·w, C) and ``grid`` is (h, w); collected tokens and q/k/v include the prefix
+        tokens (CLS first, then registers).
+        """
+        collect = (collect or Collect()).resolved(self.num_blocks, owner=f"VFM '{self.name}'")
         vit = self.vit
         p = self.patch_size
         x = x[..., : x.shape[-2] // p * p, : x.shape[-1] // p * p]  # the conv stem floors
@@ -54,13 +67,37 @@ class TimmViTFeatures(VFM):
             x = torch.cat([t.to(x.dtype) for t in prefix] + [x], dim=1)
         else:
             if self.num_prefix != 1:
-                raise ValueError(f"{self.name}: prefix tokens other than CLS need no_embed_class")
+                raise InvalidInputError(f"{self.name}: prefix tokens other than CLS need no_embed_class")
             pos = torch.cat([pos[:1], resize_pos_embed(pos[1:], self.base_grid, (h, w), self.pos_mode)], dim=0)
             x = torch.cat([vit.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1) + pos.to(x.dtype)
         x = vit.norm_pre(vit.pos_drop(x))
-        x = vit.blocks(x)
-        x = vit.norm(x)
-        return x[:, self.num_prefix:].transpose(1, 2).reshape(b, c, h, w)
+        out = Intermediates(x, (h, w))
+        if not collect:
+            x = vit.blocks(x)
+        else:
+            for i, blk in enumerate(vit.blocks):
+                if i in collect.qkv or i in collect.attn:
+                    x, qkv, attn = timm_block_forward(blk, x, want_qkv=i in collect.qkv, want_attn=i in collect.attn)
+                    if qkv is not None:
+                        out.qkv[i] = qkv
+                    if attn is not None:
+                        out.attn[i] = attn
+                else:
+                    x = blk(x)
+                if i in collect.tokens:
+                    out.tokens[i] = x
+        out.x = vit.norm(x)
+        return out
+
+    def tokens_to_map(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """(B, prefix + h·w, C) -> (B, C, h, w), prefix tokens dropped."""
+        b, _, c = x.shape
+        return x[:, self.num_prefix:].transpose(1, 2).reshape(b, c, grid[0], grid[1])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) normalised with ``mean``/``std`` -> (B, C, H/p, W/p)."""
+        out = self.forward_intermediates(x)
+        return self.tokens_to_map(out.x, out.grid)
 
 
 def offline_error(vfm_name: str, source: str, release_file: str, release_url: str, exc: BaseException):
