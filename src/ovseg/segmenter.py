@@ -73,7 +73,11 @@ class Segmenter:
         method: a preset from :func:`ovseg.list_methods` (``proxyclip``, ``naclip``, ``sclip``, ``clearclip``,
             ``maskclip``, ``clip``).
         clip: open_clip architecture (default ``ViT-B-16``).
-        clip_weights: open_clip pretrained tag, local checkpoint path, or ``"random"`` (default ``openai``).
+        clip_weights: open_clip pretrained tag, local checkpoint file or folder, or ``"random"`` (default
+            ``openai``).
+        clip_tag: for a local ``clip_weights`` file, the open_clip pretrained tag it holds (e.g. ``"openai"``);
+            it decides the activation (QuickGELU or GELU). Needed when the file cannot be recognised and the
+            architecture's tags disagree (docs/offline.md).
         vfm: VFM name for ``proxyclip`` (default ``dino_b8``); see :func:`ovseg.list_vfms`.
         vfm_weights: None (official weights), local checkpoint path, or ``"random"``.
         device: default CUDA when available, else CPU.
@@ -96,6 +100,7 @@ class Segmenter:
         *,
         clip: Optional[str] = None,
         clip_weights: Optional[str] = None,
+        clip_tag: Optional[str] = None,
         vfm: Optional[str] = None,
         vfm_weights: Optional[str] = None,
         device: Union[str, torch.device, None] = None,
@@ -122,7 +127,7 @@ class Segmenter:
         self.precision = precision
         self.strategy = get_attention(self.cfg.attention)
         self.templates = get_templates(self.cfg.templates)
-        self.clip = create_clip(self.cfg.clip, self.cfg.clip_weights, device=self.device, seed=seed,
+        self.clip = create_clip(self.cfg.clip, self.cfg.clip_weights, tag=clip_tag, device=self.device, seed=seed,
                                 model_kwargs=clip_kwargs)
         self.vfm = None
         if self.cfg.vfm is not None:
@@ -141,8 +146,8 @@ class Segmenter:
 
     def __repr__(self) -> str:
         vfm = f", vfm={self.cfg.vfm!r}" if self.cfg.vfm else ""
-        return (f"Segmenter({self.cfg.name!r}, clip={self.cfg.clip!r}, clip_weights={self.clip.weights!r}{vfm}, "
-                f"device='{self.device}', precision={self.precision!r})")
+        return (f"Segmenter({self.cfg.name!r}, clip={self.cfg.clip!r}, clip_weights={self.clip.weights!r}, "
+                f"clip_activation={self.clip.activation!r}{vfm}, device='{self.device}', precision={self.precision!r})")
 
     def to(self, device: Union[str, torch.device]) -> "Segmenter":
         self.device = _resolve_device(device)
