@@ -78,7 +78,7 @@ def test_unidentified_file_never_loads_silently_as_gelu(weights, name):
     with pytest.raises(InvalidInputError) as e:
         create_clip("ViT-B-16", path, model_kwargs=TINY_CLIP)
     msg = str(e.value)
-    for needle in (path, "QuickGELU", "GELU", f"clip_weights={path!r}, clip_tag=\"openai\"",
+    for needle in (path, "QuickGELU", "GELU", f"clip_weights={json.dumps(path)}, clip_tag=\"openai\"",
                    'clip_tag="laion2b_s34b_b88k"', "--clip-tag openai", "--clip-tag laion2b_s34b_b88k",
                    "--clip ViT-B-16"):
         assert needle in msg, needle
@@ -195,6 +195,8 @@ def test_clip_tag_errors(weights):
         create_clip("ViT-B-16", "random", tag="openai", model_kwargs=TINY_CLIP)
     with pytest.raises(InvalidInputError, match="contradicts clip_weights 'openai'"):
         create_clip("ViT-B-16", "openai", tag="laion2b_s34b_b88k", model_kwargs=TINY_CLIP)
+    with pytest.raises(InvalidInputError, match="model_kwargs quick_gelu=False contradicts"):
+        create_clip("ViT-B-16", path, tag="openai", model_kwargs=dict(TINY_CLIP, quick_gelu=False))
 
 
 @torch.inference_mode()

@@ -373,6 +373,10 @@ def create_clip(
         origin = dict(source="file", tag=found_tag, path=str(file))
         logger.info("loading CLIP %s from %s with %s (%s)", arch, file, "QuickGELU" if quick_gelu else "GELU", reason)
 
+    if file is not None and "quick_gelu" in kwargs and bool(kwargs["quick_gelu"]) != quick_gelu:
+        raise InvalidInputError(
+            f"model_kwargs quick_gelu={kwargs['quick_gelu']} contradicts the weights '{desc}', which need "
+            f"{'QuickGELU' if quick_gelu else 'GELU'}; remove it (clip_tag says what a local file holds)")
     with seeded(seed), muted_root_logger():  # open_clip warns "initialized randomly" on the root logger
         model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu, **kwargs)
     if file is not None:

@@ -82,7 +82,7 @@ def _hub_candidates(filename: str) -> List[str]:
 def load_call(arch: str, tag: str, path: Optional[str] = None) -> str:
     """The exact Python call and CLI flags that load the local file ``path`` (default: a ``PATH`` placeholder)
     holding ``arch``/``tag``."""
-    py, sh = ("PATH", "PATH") if path is None else (repr(path), shlex.quote(path))
+    py, sh = ("PATH", "PATH") if path is None else (json.dumps(path), shlex.quote(path))
     return (f'Segmenter(..., clip="{arch}", clip_weights={py}, clip_tag="{tag}") '
             f"(CLI: --clip {arch} --clip-weights {sh} --clip-tag {tag})")
 
@@ -224,14 +224,17 @@ def _ambiguous(arch: str, value: str, quick: List[str], gelu: List[str]) -> Inva
     qt = "openai" if "openai" in quick else quick[0]
     gt = next((t for t in gelu if t.startswith("laion2b")), gelu[0])
 
+    def eg(tag: str) -> str:
+        return " (OpenAI's weights)" if tag == "openai" else " (LAION's weights)" if tag.startswith("laion") else ""
+
     def some(tags: List[str]) -> str:
         return ", ".join(tags[:4]) + (f", ... ({len(tags) - 4} more)" if len(tags) > 4 else "")
 
     return InvalidInputError(
         f"clip_weights '{value}': ovseg cannot tell which pretrained weights this file holds, and the pretrained "
         f"tags of '{arch}' disagree on the activation (QuickGELU: {some(quick)}; GELU: {some(gelu)}); the wrong "
-        f"one changes every output. Say which tag the file holds: for QuickGELU (e.g. OpenAI's weights) "
-        f"{load_call(arch, qt, value)}; for GELU (e.g. LAION's) {load_call(arch, gt, value)}."
+        f"one changes every output. Say which tag the file holds: for QuickGELU{eg(qt)} {load_call(arch, qt, value)}; "
+        f"for GELU{eg(gt)} {load_call(arch, gt, value)}."
     )
 
 
