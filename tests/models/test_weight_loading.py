@@ -1,5 +1,6 @@
 """A local CLIP file always loads with the activation it was trained with (tiny configs of the real open_clip
-ViT, seeded random weights), and downloads fail fast with the exact call that loads the file offline."""
+ViT, seeded random weights); official weights load from a warm cache without network, and downloads fail fast
+with the exact call that loads the file offline (the hub is simulated with monkeypatch)."""
 import json
 import os
 
@@ -40,7 +41,12 @@ def _hf_cache(root, repo_folder, sd, name="open_clip_pytorch_model.bin"):
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     (repo / "blobs").mkdir()
-    torch.save(sd, repo / "blobs" / "a1b2c3")
+    if name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(repo / "blobs" / "a1b2c3"))
+    else:
+        torch.save(sd, repo / "blobs" / "a1b2c3")
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
     os.symlink(os.path.join("..", "..", "blobs", "a1b2c3"), snap / name)
@@ -264,6 +270,32 @@ def test_vfm_no_network_fails_fast_too(no_network):
     for needle in ("HF_HUB_OFFLINE=1", "dino_vitbase8_pretrain.pth", "dl.fbaipublicfiles.com",
                    'vfm="dino_b8", vfm_weights=PATH', "--vfm dino_b8 --vfm-weights PATH"):
         assert needle in msg, needle
+
+
+@torch.inference_mode()
+def test_official_weights_load_from_a_warm_cache_without_network(no_network, weights):
+    """A cached tag (open_clip's hub file) and a cached timm VFM file load without any request: the CLIP one with
+    its tag's QuickGELU, the VFM one through timm's own loader."""
+    from pathlib import Path
+
+    import huggingface_hub.constants as c
+
+    from ovseg.backbones import create_vfm
+
+    from ..conftest import TINY_DINO
+
+    cache = Path(c.HF_HUB_CACHE)
+    _hf_cache(cache, OPENAI_REPO, weights["sd"], name="open_clip_model.safetensors")
+    clip = create_clip("ViT-B-16", "openai", model_kwargs=TINY_CLIP)
+    assert clip.activation == "quick_gelu" and clip.identity["source"] == "tag"
+    x = torch.randn(1, 3, 48, 64)
+    assert torch.equal(_dense(clip, x), _dense(weights["src"], x))
+    src = create_vfm("dino_b8", "random", seed=4, model_kwargs=TINY_DINO)
+    _hf_cache(cache, "models--timm--vit_base_patch8_224.dino", src.vit.state_dict(), name="model.safetensors")
+    vfm = create_vfm("dino_b8", None, model_kwargs=TINY_DINO)
+    for k, v in src.vit.state_dict().items():
+        assert torch.equal(vfm.vit.state_dict()[k], v), k
+    assert no_network == []
 
 
 def test_model_kwargs_typo_is_the_constructors_error_not_a_download_error(no_network):
