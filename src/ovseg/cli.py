@@ -81,7 +81,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="proxyclip (default), naclip, sclip, clearclip, maskclip, clip")
     g.add_argument("--clip", default=None, help="open_clip architecture (default ViT-B-16)")
     g.add_argument("--clip-weights", default=None,
-                   help="open_clip pretrained tag (default openai), a local checkpoint file, or 'random'")
+                   help="open_clip pretrained tag (default openai), a local checkpoint file or folder, or 'random'")
+    g.add_argument("--clip-tag", default=None,
+                   help="the open_clip pretrained tag a local --clip-weights file holds (e.g. openai); it decides "
+                        "the activation (QuickGELU or GELU)")
     g.add_argument("--vfm", default=None, help="VFM for proxyclip (default dino_b8); see 'ovseg list'")
     g.add_argument("--vfm-weights", default=None, help="local checkpoint in the official release format, or 'random'")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
@@ -101,7 +104,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _segmenter(args: argparse.Namespace):
     from .segmenter import Segmenter
 
-    return Segmenter(args.method, clip=args.clip, clip_weights=args.clip_weights, vfm=args.vfm,
+    return Segmenter(args.method, clip=args.clip, clip_weights=args.clip_weights, clip_tag=args.clip_tag, vfm=args.vfm,
                      vfm_weights=args.vfm_weights, device=args.device, precision=args.precision,
                      window=args.window, stride=args.stride, short_side=args.short_side,
                      batch_size=args.batch_size, pamr_steps=args.pamr_steps, templates=_templates(args.templates))
@@ -144,6 +147,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         })
     summary = {
         "ovseg": __version__, "method": seg.cfg.name, "clip": seg.cfg.clip, "clip_weights": seg.clip.weights,
+        "clip_activation": seg.clip.activation, "clip_identity": seg.clip.identity,
         "vfm": seg.cfg.vfm, "labels": list(labelset.names), "queries": list(labelset.queries), "images": records,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
@@ -206,9 +210,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(f"hugging face cache: {constants.HF_HUB_CACHE} | HF_HUB_OFFLINE: {int(offline)}")
     cached = _cached_repos()
     print("weights in the local cache:")
-    for kind, name, repo in _known_weights():
+    for kind, name, repo, note in _known_weights():
         state = "cached" if repo in cached else "not cached"
-        print(f"  {kind:<5} {name:<28} {repo:<48} {state}")
+        print(f"  {kind:<5} {name:<34} {repo:<48} {state:<11} {note}".rstrip())
     return 0
 
 
@@ -222,15 +226,18 @@ def _cached_repos() -> set:
 
 
 def _known_weights():
-    """(kind, name, hub repo) for the presets' CLIP weights and every registered VFM with a hub source."""
+    """(kind, name, hub repo, note) for the CLIP weights ovseg names (note: their activation) and every registered
+    VFM with a hub source."""
     import open_clip
 
     from .backbones import VFMS
+    from .backbones.clip_weights import KNOWN_CLIP_WEIGHTS, tag_activation
 
     rows = []
-    for arch, tag in (("ViT-B-16", "openai"), ("ViT-L-14", "openai"), ("ViT-H-14", "laion2b_s32b_b79k")):
+    for arch, tag in KNOWN_CLIP_WEIGHTS:
         cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
-        rows.append(("clip", f"{arch}/{tag}", cfg.get("hf_hub", "").rstrip("/")))
+        rows.append(("clip", f"{arch}/{tag}", cfg.get("hf_hub", "").rstrip("/"),
+                     f"activation: {tag_activation(arch, tag)}"))
     for name in VFMS.names():
         d = VFMS.get(name).defaults
         repo = d.get("repo_id")
@@ -242,7 +249,7 @@ def _known_weights():
             except Exception:
                 repo = None
         if repo:
-            rows.append(("vfm", name, repo))
+            rows.append(("vfm", name, repo, ""))
     return rows
 
 

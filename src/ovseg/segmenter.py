@@ -70,7 +70,11 @@ class Segmenter:
         method: a preset from :func:`ovseg.list_methods` (``proxyclip``, ``naclip``, ``sclip``, ``clearclip``,
             ``maskclip``, ``clip``, ...).
         clip: open_clip architecture (default ``ViT-B-16``).
-        clip_weights: open_clip pretrained tag, local checkpoint path, or ``"random"`` (default ``openai``).
+        clip_weights: open_clip pretrained tag, local checkpoint file or folder, or ``"random"`` (default
+            ``openai``).
+        clip_tag: for a local ``clip_weights`` file, the open_clip pretrained tag it holds (e.g. ``"openai"``);
+            it decides the activation (QuickGELU or GELU). Needed when the file cannot be recognised and the
+            architecture's tags disagree (docs/offline.md).
         vfm: the VFM of methods that use one (ProxyCLIP default ``dino_b8``); see :func:`ovseg.list_vfms`.
         vfm_weights: None (official weights), a local checkpoint path, or ``"random"``; a mapping
             ``{role: weights}`` for methods with several VFMs.
@@ -100,6 +104,7 @@ class Segmenter:
         *,
         clip: Optional[str] = None,
         clip_weights: Optional[str] = None,
+        clip_tag: Optional[str] = None,
         vfm: Optional[str] = None,
         vfm_weights: Any = None,
         device: Union[str, torch.device, None] = None,
@@ -128,7 +133,8 @@ class Segmenter:
             raise InvalidInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
         self.templates = get_templates(self.cfg.templates)
-        clip_model = build_clip(self.cfg.clip, self.cfg.clip_weights, seed=seed, model_kwargs=clip_kwargs)
+        clip_model = build_clip(self.cfg.clip, self.cfg.clip_weights, tag=clip_tag, seed=seed,
+                                model_kwargs=clip_kwargs)
         vfms = {role: create_vfm(name, weights_by_role.get(role), seed=seed, **(kwargs_by_role.get(role) or {}))
                 for role, name in vfm_names.items()}
         strategy = self.cfg.strategy_cls(**self.cfg.strategy_options)
@@ -169,7 +175,7 @@ class Segmenter:
         vfms = self.cfg.vfm_names()
         vfm = "".join(f", {'vfm' if r == 'vfm' else r}={n!r}" for r, n in vfms.items())
         act = getattr(self.clip, "activation", None)
-        act = f", activation={act!r}" if act else ""
+        act = f", clip_activation={act!r}" if act else ""
         return (f"Segmenter({self.cfg.name!r}, clip={self.cfg.clip!r}, clip_weights={self.clip.weights!r}{act}{vfm}, "
                 f"device='{self.device}', precision={self.precision!r})")
 

@@ -6,6 +6,7 @@ strategy needs), the strategy mixes the values, then ``out_proj``, optional resi
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -16,16 +17,30 @@ import torch.nn.functional as F
 
 from .._registry import suggest
 from ..attention import AttentionStrategy
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, InvalidTypeError
 from ..pos_embed import interpolate_pos_embed
-from ..weights import WeightsUnavailableError, load_state_dict_file, muted_root_logger, resolve_path, seeded
+from ..weights import (
+    check_constructor,
+    is_torchscript_archive,
+    load_state_dict_file,
+    muted_root_logger,
+    parse_weights,
+    seeded,
+    strict_load,
+)
+from .clip_weights import (
+    OPENAI_EXTRA_KEYS,
+    download_hint,
+    fetch_tag_file,
+    find_checkpoint,
+    resolve_file_activation,
+    tag_activation,
+)
 from .hooks import Collect, Intermediates, attention_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CLIPAdapter", "create_clip", "list_clip_architectures"]
-
-_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "__torchscript__")
+__all__ = ["CLIPAdapter", "create_clip", "list_clip_architectures", "clip_activation"]
 
 
 def list_clip_architectures() -> list:
@@ -50,15 +65,35 @@ def _is_plain_vit_cfg(cfg: Optional[dict]) -> bool:
     )
 
 
+def clip_activation(model: nn.Module) -> str:
+    """The activation an open_clip model was built with, read from its modules: ``"quick_gelu"`` or ``"gelu"``
+    (``"+"``-joined if the towers differ, ``"none"`` if neither is found)."""
+    from open_clip.transformer import QuickGELU
+
+    kinds = set()
+    for m in model.modules():
+        if isinstance(m, QuickGELU):
+            kinds.add("quick_gelu")
+        elif isinstance(m, nn.GELU):
+            kinds.add("gelu" if m.approximate == "none" else f"gelu_{m.approximate}")
+    return "+".join(sorted(kinds)) or "none"
+
+
 class CLIPAdapter(nn.Module):
     """Wraps an open_clip ``CLIP`` model whose visual tower is open_clip's ``VisionTransformer``.
 
     Implements the :class:`ovseg.backbones.CLIPBackbone` protocol: the trunk with layer hooks
     (:meth:`forward_intermediates`), per-block pieces (:meth:`qkv`, :meth:`attn_out`, :meth:`ffn`), the last block
     with an attention strategy, the projection head and the text tower.
+
+    Attributes:
+        arch, weights: the architecture name and a short description of the weights (tag, path or "random").
+        activation: ``"quick_gelu"`` or ``"gelu"``, read from the built model.
+        identity: a JSON-able description of exactly which model this is (see :attr:`identity`).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, arch: str = "custom", weights: str = "custom"):
+    def __init__(self, model: nn.Module, tokenizer: Any, *, arch: str = "custom", weights: str = "custom",
+                 origin: Optional[Dict[str, Any]] = None):
         super().__init__()
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
@@ -78,6 +113,9 @@ class CLIPAdapter(nn.Module):
         self.tokenizer = tokenizer
         self.arch = arch
         self.weights = weights
+        self.activation: str = clip_activation(model)
+        self._origin = dict(source="custom", tag=None, path=None, seed=None, model_kwargs=None)
+        self._origin.update(origin or {})
         self.patch_size: Tuple[int, int] = tuple(visual.patch_size)
         self.base_grid: Tuple[int, int] = tuple(visual.grid_size)
         self.width: int = visual.transformer.width
@@ -88,6 +126,15 @@ class CLIPAdapter(nn.Module):
         # vanilla strategy bit-identical to open_clip's block; False (default): contiguous and much faster
         self.mha_layout = False
         self.eval()
+
+    @property
+    def identity(self) -> Dict[str, Any]:
+        """``{"arch", "source", "tag", "path", "activation", "seed", "model_kwargs"}``: ``source`` is ``"tag"``
+        (open_clip pretrained tag), ``"file"`` (local checkpoint; ``path`` absolute, ``tag`` the tag it holds
+        when known), ``"random"`` (``seed``) or ``"custom"`` (a model wrapped by hand); unused fields are None."""
+        return dict(arch=self.arch, source=self._origin["source"], tag=self._origin["tag"],
+                    path=self._origin["path"], activation=self.activation, seed=self._origin["seed"],
+                    model_kwargs=copy.deepcopy(self._origin["model_kwargs"]))
 
     # ------------------------------------------------------------------ image side
     @property
@@ -319,110 +366,120 @@ def _validate_arch(arch: str) -> None:
     import open_clip
 
     if not isinstance(arch, str):
-        raise TypeError(f"clip must be an open_clip architecture name (str), got {type(arch).__name__}")
+        raise InvalidTypeError(f"clip must be an open_clip architecture name (str), got {type(arch).__name__}")
     names = open_clip.list_models()
     if arch not in names:
-        raise ValueError(
+        raise InvalidInputError(
             f"unknown CLIP architecture '{arch}';{suggest(arch, names)} "
             "use an open_clip name such as 'ViT-B-16', 'ViT-L-14', 'ViT-H-14' (open_clip.list_models())"
         )
     if not _is_plain_vit_cfg(open_clip.get_model_config(arch)):
-        raise ValueError(
+        raise InvalidInputError(
             f"CLIP architecture '{arch}' does not have a plain ViT image tower; ovseg supports "
             "open_clip VisionTransformer models such as 'ViT-B-16', 'ViT-L-14', 'ViT-H-14'"
         )
 
 
-def _download_hint(arch: str, tag: str) -> str:
-    import open_clip
-
-    cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
-    where = []
-    if cfg.get("hf_hub"):
-        repo = cfg["hf_hub"].rstrip("/")
-        where.append(f"https://huggingface.co/{repo} (open_clip_model.safetensors or open_clip_pytorch_model.bin)")
-    if cfg.get("url"):
-        where.append(cfg["url"])
-    return " or ".join(where) if where else "the open_clip model zoo"
+def _validate_tag(arch: str, tag: Any, tags: Sequence[str]) -> None:
+    if not isinstance(tag, str):
+        raise InvalidTypeError(f"clip_tag must be an open_clip pretrained tag (str), got {type(tag).__name__}")
+    if tag not in tags:
+        raise InvalidInputError(
+            f"clip_tag '{tag}' is not a pretrained tag of '{arch}';{suggest(tag, tags)} "
+            f"tags for {arch}: {', '.join(tags) or '(none)'}"
+        )
 
 
 def create_clip(
     arch: str = "ViT-B-16",
     weights: Union[str, os.PathLike, None] = "openai",
     *,
+    tag: Optional[str] = None,
     device: Union[str, torch.device] = "cpu",
     seed: int = 0,
     cache_dir: Optional[str] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
 ) -> CLIPAdapter:
-    """Build an open_clip model and wrap it.
+    """Build an open_clip model with the activation its weights were trained with, and wrap it.
 
     Args:
-        arch: open_clip architecture name (``ViT-B-16``, ``ViT-L-14``, ``ViT-H-14``, ...).
-        weights: an open_clip pretrained tag (``openai``, ``laion2b_s32b_b79k``), a local checkpoint path
-            (OpenAI's TorchScript ``.pt``, an open_clip state dict, ``.safetensors``) or ``"random"``
-            (seeded random initialisation of the real architecture).
+        arch: open_clip architecture name (``ViT-B-16``, ``ViT-L-14``, ``ViT-H-14``, ``ViT-B-16-quickgelu``, ...).
+        weights: an open_clip pretrained tag (``openai``, ``laion2b_s32b_b79k``; ``None`` = ``openai``), a local
+            checkpoint (OpenAI's TorchScript ``.pt``, an open_clip state dict ``.pt/.bin``, ``.safetensors``) or a
+            folder holding one (a downloaded hub folder, a Hugging Face cache folder), or ``"random"`` (seeded
+            random initialisation of the real architecture).
+        tag: for a local checkpoint, the open_clip pretrained tag it holds (e.g. ``"openai"`` for the hub's
+            ``open_clip_pytorch_model.bin`` of OpenAI's ViT-B/16). Its pretrained config decides the activation.
+            Without it the file must be recognisable, or ``arch``'s tags must agree on the activation
+            (:mod:`ovseg.backbones.clip_weights`).
         device: where the model goes.
         seed: RNG seed for ``"random"``.
-        cache_dir: download cache (default: the hub's own cache).
+        cache_dir: Hugging Face download cache (default: the hub's own cache, ``HF_HUB_CACHE``).
         model_kwargs: extra open_clip model-config overrides (e.g. a smaller ``vision_cfg`` for tests).
+
+    Raises:
+        InvalidInputError: unknown architecture or tag, a file that does not fit ``arch``, or a file whose
+            activation cannot be decided (the message gives the call for each choice).
+        WeightsUnavailableError: a tag's file is neither cached nor downloadable (the message names the file,
+            where to get it and the exact call that loads it).
     """
     import open_clip
 
     _validate_arch(arch)
-    weights = "openai" if weights is None else weights
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag is not None:
+        _validate_tag(arch, tag, tags)
+    src = parse_weights(weights, option="clip_weights", tags=tags, what=f"'{arch}'")
+    if src.kind == "default":
+        if "openai" not in tags:
+            raise InvalidInputError(f"'{arch}' has no 'openai' weights; pass clip_weights= one of its pretrained "
+                                    f"tags: {', '.join(tags) or '(none)'}")
+        src = parse_weights("openai", option="clip_weights", tags=tags)
     kwargs = dict(model_kwargs or {})
-    quick_gelu = False
-    state_dict = None
-    if isinstance(weights, (str, os.PathLike)) and str(weights) == "random":
-        desc = "random"
-    elif isinstance(weights, str) and weights in open_clip.list_pretrained_tags_by_model(arch):
-        desc = weights
-        quick_gelu = bool((open_clip.get_pretrained_cfg(arch, weights) or {}).get("quick_gelu", False))
-        logger.info("loading CLIP %s / %s", arch, weights)
-        try:
-            with muted_root_logger():
-                model = open_clip.create_model(arch, pretrained=weights, force_quick_gelu=quick_gelu,
-                                               cache_dir=cache_dir, **kwargs)
-        except Exception as e:  # download impossible: offline, no cache, hub error
-            raise WeightsUnavailableError(
-                f"could not load CLIP '{arch}' weights '{weights}' ({type(e).__name__}). Download "
-                f"{_download_hint(arch, weights)} on a connected machine and pass its local path with "
-                f"clip_weights=PATH (CLI: --clip-weights PATH)."
-            ) from None
-    elif isinstance(weights, (str, os.PathLike)) and (os.sep in str(weights) or os.path.splitext(str(weights))[1]
-                                                      or os.path.exists(os.path.expanduser(str(weights)))):
-        path = resolve_path(weights, "clip_weights")
-        state_dict = load_state_dict_file(path, option="clip_weights")
-        quick_gelu = any(k in state_dict for k in _OPENAI_EXTRA_KEYS) or arch.endswith("quickgelu")
-        desc = str(path)
+    state_dict, file = None, None
+    if src.kind == "random":
+        if tag is not None:
+            raise InvalidInputError(
+                f"clip_tag '{tag}' names the weights a local file holds; it does not combine with "
+                f"clip_weights='random' (for random weights with QuickGELU use clip='{arch}-quickgelu' or the like)")
+        quick_gelu, desc = False, "random"
+        origin = dict(source="random", seed=seed)
+    elif src.kind == "tag":
+        if tag is not None and tag != src.tag:
+            raise InvalidInputError(f"clip_tag '{tag}' contradicts clip_weights '{src.tag}'; clip_tag is for local "
+                                    f"files (clip_weights=PATH, clip_tag=TAG)")
+        quick_gelu, desc = tag_activation(arch, src.tag) == "quick_gelu", src.tag
+        origin = dict(source="tag", tag=src.tag)
+        # a model_kwargs typo surfaces as the constructor's own error, before any download
+        check_constructor(lambda: open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu,
+                                                         device="meta", **kwargs), kwargs)
+        file = fetch_tag_file(arch, src.tag, cache_dir=cache_dir)
+        logger.info("loading CLIP %s / %s from %s", arch, src.tag, file)
     else:
-        tags = open_clip.list_pretrained_tags_by_model(arch)
-        raise ValueError(
-            f"clip_weights '{weights}' is not a pretrained tag of '{arch}', an existing file, or 'random';"
-            f"{suggest(str(weights), tags)} tags for {arch}: {', '.join(tags) or '(none)'}"
-        )
+        file = find_checkpoint(src.path)
+        desc = str(src.path)
+        state_dict = load_state_dict_file(file, option="clip_weights")
+        quick_gelu, found_tag, reason = resolve_file_activation(
+            arch, file, list(state_dict), tag=tag, torchscript=is_torchscript_archive(file))
+        origin = dict(source="file", tag=found_tag, path=str(file))
+        logger.info("loading CLIP %s from %s with %s (%s)", arch, file, "QuickGELU" if quick_gelu else "GELU", reason)
 
-    if desc == "random" or state_dict is not None:
-        with seeded(seed), muted_root_logger():  # open_clip warns "initialized randomly" on the root logger
-            model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu, **kwargs)
-    if state_dict is not None:
-        for key in _OPENAI_EXTRA_KEYS:
+    if file is not None and "quick_gelu" in kwargs and bool(kwargs["quick_gelu"]) != quick_gelu:
+        raise InvalidInputError(
+            f"model_kwargs quick_gelu={kwargs['quick_gelu']} contradicts the weights '{desc}', which need "
+            f"{'QuickGELU' if quick_gelu else 'GELU'}; remove it (clip_tag says what a local file holds)")
+    with seeded(seed), muted_root_logger():  # open_clip warns "initialized randomly" on the root logger
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu, **kwargs)
+    if file is not None:
+        if state_dict is None:
+            state_dict = load_state_dict_file(file, option="clip_weights")
+        for key in OPENAI_EXTRA_KEYS:
             state_dict.pop(key, None)
-        try:
-            missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        except RuntimeError as e:  # shape mismatch
-            raise ValueError(
-                f"clip_weights '{weights}' does not fit architecture '{arch}': "
-                f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}. "
-                "Pass the matching clip= architecture name."
-            ) from None
-        if missing or unexpected:
-            raise ValueError(
-                f"clip_weights '{weights}' does not fit architecture '{arch}': {len(missing)} missing keys "
-                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
-                "Pass the matching clip= architecture name."
-            )
+        expected = (f"the release file of '{arch}' / '{src.tag}' ({download_hint(arch, src.tag)})"
+                    if src.kind == "tag" else f"a checkpoint of '{arch}' (or pass the matching clip= architecture)")
+        strict_load(model, state_dict, option="clip_weights", value=desc, target=f"architecture '{arch}'",
+                    expected=expected)
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(arch)
-    return CLIPAdapter(model, tokenizer, arch=arch, weights=desc).to(device)
+    origin["model_kwargs"] = copy.deepcopy(kwargs) or None
+    return CLIPAdapter(model, tokenizer, arch=arch, weights=desc, origin=origin).to(device)

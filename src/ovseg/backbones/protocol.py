@@ -84,9 +84,10 @@ def list_registered_clips() -> List[str]:
     return CLIPS.names()
 
 
-def build_clip(arch: str, weights: Any = "openai", *, seed: int = 0,
+def build_clip(arch: str, weights: Any = "openai", *, tag: Optional[str] = None, seed: int = 0,
                model_kwargs: Optional[Dict[str, Any]] = None) -> torch.nn.Module:
-    """A registered CLIP architecture, else an open_clip one (:func:`ovseg.backbones.create_clip`)."""
+    """A registered CLIP architecture, else an open_clip one (:func:`ovseg.backbones.create_clip`; ``tag`` names
+    the pretrained tag a local file holds)."""
     if isinstance(arch, str) and arch in CLIPS:
         model = CLIPS.create(arch, weights=weights, seed=seed, model_kwargs=model_kwargs)
         missing = [a for a in ("arch", "weights", "patch_size", "embed_dim", "forward_intermediates",
@@ -98,4 +99,4 @@ def build_clip(arch: str, weights: Any = "openai", *, seed: int = 0,
         return model.eval().requires_grad_(False)
     from .clip import create_clip
 
-    return create_clip(arch, weights, device="cpu", seed=seed, model_kwargs=model_kwargs)
+    return create_clip(arch, weights, tag=tag, device="cpu", seed=seed, model_kwargs=model_kwargs)
