@@ -63,7 +63,8 @@ def test_clip_hooks_collect_without_rerunning():
     x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         plain = clip.forward_intermediates(x)
-        out = clip.forward_intermediates(x, Collect(tokens=(0, 2), qkv=(1,), attn=(1, -2)))
+        out = clip.forward_intermediates(x, Collect(tokens=(0, 2), qkv=(1,), attn=(1, -2), embed=True))
+        torch.testing.assert_close(clip.run_block(0, out.embed)[0], out.tokens[0])  # embed = block 0's input
         # the collected pass gives the same last-block input (explicit blocks vs open_clip's fused blocks)
         torch.testing.assert_close(out.x, plain.x, rtol=1e-5, atol=1e-5)
         assert sorted(out.tokens) == [0, 2] and sorted(out.qkv) == [1] and sorted(out.attn) == [1, 2]

@@ -182,7 +182,7 @@ class CLIPAdapter(nn.Module):
         collect = (collect or Collect()).resolved(self.num_blocks, limit=self.num_blocks - 1,
                                                  owner=f"CLIP '{self.arch}'")
         x, grid = self.embed(x)
-        out = Intermediates(x, grid)
+        out = Intermediates(x, grid, embed=x if collect.embed else None)
         blocks = self.visual.transformer.resblocks[:-1]
         explicit = set(collect.qkv) | set(collect.attn)
         if torch.is_autocast_enabled(x.device.type) or explicit:

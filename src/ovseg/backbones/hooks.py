@@ -30,21 +30,23 @@ class Collect:
         qkv: block indices whose per-head q, k, v to keep, each (B, nh, T, hd), computed from the block's
             normalised input (the projection output *with* its bias).
         attn: block indices whose post-softmax attention weights to keep, (B, nh, T, T).
+        embed: keep the input of block 0 (the embedded tokens after the positional embedding and any pre-norm).
     """
 
     tokens: Tuple[int, ...] = ()
     qkv: Tuple[int, ...] = ()
     attn: Tuple[int, ...] = ()
+    embed: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.tokens or self.qkv or self.attn)
+        return bool(self.tokens or self.qkv or self.attn or self.embed)
 
     def union(self, other: Optional["Collect"]) -> "Collect":
         if not other:
             return self
         return Collect(tuple(sorted(set(self.tokens) | set(other.tokens))),
                        tuple(sorted(set(self.qkv) | set(other.qkv))),
-                       tuple(sorted(set(self.attn) | set(other.attn))))
+                       tuple(sorted(set(self.attn) | set(other.attn))), self.embed or other.embed)
 
     def resolved(self, num_blocks: int, *, limit: Optional[int] = None, owner: str = "backbone") -> "Collect":
         """Indices made non-negative and checked against ``[0, limit)`` (``limit`` defaults to ``num_blocks``)."""
@@ -62,7 +64,7 @@ class Collect:
                 out.append(j)
             return tuple(sorted(set(out)))
 
-        return Collect(fix("tokens", self.tokens), fix("qkv", self.qkv), fix("attn", self.attn))
+        return Collect(fix("tokens", self.tokens), fix("qkv", self.qkv), fix("attn", self.attn), self.embed)
 
 
 @dataclass
@@ -74,10 +76,12 @@ class Intermediates:
             after the final norm (B, T, C).
         grid: the patch grid (gh, gw).
         tokens, qkv, attn: the collected intermediates by block index (see :class:`Collect`).
+        embed: the input of block 0 when ``Collect(embed=True)``.
     """
 
     x: torch.Tensor
     grid: Tuple[int, int]
+    embed: Optional[torch.Tensor] = None
     tokens: Dict[int, torch.Tensor] = field(default_factory=dict)
     qkv: Dict[int, QKV] = field(default_factory=dict)
     attn: Dict[int, torch.Tensor] = field(default_factory=dict)

@@ -79,7 +79,7 @@ class TimmViTFeatures(VFM):
             pos = torch.cat([pos[:1], resize_pos_embed(pos[1:], self.base_grid, (h, w), self.pos_mode)], dim=0)
             x = torch.cat([vit.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1) + pos.to(x.dtype)
         x = vit.norm_pre(vit.pos_drop(x))
-        out = Intermediates(x, (h, w))
+        out = Intermediates(x, (h, w), embed=x if collect.embed else None)
         if not collect:
             x = vit.blocks(x)
         else:
