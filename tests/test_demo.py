@@ -237,10 +237,11 @@ def test_api_endpoint_with_gradio_client(served, tmp_path):
     client = client_mod.Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
     api = client.view_api(return_format="dict", print_info=False)
     assert list(api["named_endpoints"]) == ["/predict"]  # the UI-only events stay private
-    assert [p["label"] for p in api["named_endpoints"]["/predict"]["parameters"]][:2] == \
-        ["Image (upload, or paste from the clipboard)", "Labels"]
-    overlay_path, label_png, results_json = client.predict(
-        client_mod.handle_file(str(path)), LABELS, "proxyclip", "dino_b8", 0.0, api_name="/predict")
+    params = api["named_endpoints"]["/predict"]["parameters"]
+    assert [p["parameter_name"] for p in params] == ["image", "labels", "method", "vfm", "threshold"]
+    overlay_path, label_png, results_json = client.predict(  # the call docs/demo.md shows
+        image=client_mod.handle_file(str(path)), labels=LABELS, method="proxyclip", vfm="dino_b8", threshold=0.0,
+        api_name="/predict")
     overlay = np.asarray(Image.open(overlay_path).convert("RGB"))
     label_map = _check_overlay(overlay, img, label_png)
     expected = _tiny_factory("proxyclip", "dino_b8", "random").predict(img, ["red", "green; grass", "blue"])

@@ -382,19 +382,20 @@ def build_demo(
     start_threshold = threshold if threshold is not None else _preset_threshold(method)
     vfm_methods = [m for m in _method_names() if method_vfm(m) is not None]
     private = _private(gr)
+    cli_vfm, cli_threshold = vfm, threshold  # the closures below use these names for their own parameters
 
     tracker = gr.Progress(track_tqdm=True)  # Gradio finds it as a default argument; tracks predict()'s tqdm bar
 
-    def predict(image, labels_text, method_name, vfm_name, thd, progress=tracker):
+    def predict(image, labels, method, vfm, threshold, progress=tracker):  # the names the API shows
         try:
-            items = split_labels(labels_text)
+            items = split_labels(labels)
             if len(items) == 1:
                 gr.Warning(f"only one label ({items[0]!r}): every pixel gets it; add more labels, e.g. the "
                            "background's")
-            name = method_name.strip() if isinstance(method_name, str) else method_name
-            if vfm_name and method_vfm(name) is None:
-                gr.Warning(f"method '{name}' uses no VFM; the VFM choice {vfm_name!r} is ignored")
-            out = run_prediction(cache, image, labels_text, method_name, vfm_name, thd, out_dir=files.new(),
+            name = method.strip() if isinstance(method, str) else method
+            if vfm and method_vfm(name) is None:
+                gr.Warning(f"method '{name}' uses no VFM; the VFM choice {vfm!r} is ignored")
+            out = run_prediction(cache, image, labels, method, vfm, threshold, out_dir=files.new(),
                                  progress=progress)
         except (OvsegError, ValueError, TypeError, ImportError) as e:
             raise _user_error(gr, e) from e
@@ -421,8 +422,8 @@ def build_demo(
         if preset is None:
             vfm_update = gr.update(value=None, interactive=False)
         else:
-            vfm_update = gr.update(value=vfm or preset, interactive=True)
-        thd_update = gr.update() if threshold is not None else gr.update(value=_preset_threshold(method_name))
+            vfm_update = gr.update(value=cli_vfm or preset, interactive=True)
+        thd_update = gr.update() if cli_threshold is not None else gr.update(value=_preset_threshold(method_name))
         return vfm_update, thd_update
 
     weights = _weights_note(clip, clip_weights, vfm_weights, start_vfm)
