@@ -6,6 +6,7 @@ works with any :class:`~ovseg.Segmenter`; :func:`build_demo` wires it to a ``gr.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -298,26 +299,30 @@ def render_overlay(image: np.ndarray, overlay: np.ndarray, label_map: np.ndarray
 
 
 class _RunFiles:
-    """A private temporary folder per app; each prediction gets a subfolder, and only the last ``keep`` stay
-    (Gradio copies returned files into its own cache)."""
+    """A private temporary folder per app, made on first use and removed at exit; each prediction gets a
+    subfolder, and only the last ``keep`` stay (Gradio copies returned files into its own cache)."""
 
     def __init__(self, keep: int = 16):
-        self.root = tempfile.mkdtemp(prefix="ovseg-demo-")
+        self.root: Optional[str] = None
         self._runs: deque = deque()
         self._keep = keep
         self._lock = threading.Lock()
 
     def new(self) -> str:
-        path = os.path.join(self.root, uuid.uuid4().hex[:12])
-        os.makedirs(path)
         with self._lock:
+            if self.root is None:
+                self.root = tempfile.mkdtemp(prefix="ovseg-demo-")
+                atexit.register(self.cleanup)
+            path = os.path.join(self.root, uuid.uuid4().hex[:12])
+            os.makedirs(path)
             self._runs.append(path)
             while len(self._runs) > self._keep:
                 shutil.rmtree(self._runs.popleft(), ignore_errors=True)
         return path
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _gradio():
