@@ -297,6 +297,15 @@ def test_browser_upload_label_toggle(served, tmp_path):
             np.testing.assert_array_equal(toggled[green], img[green])
             np.testing.assert_array_equal(toggled[~green], overlay[~green])
             page.screenshot(path=str(tmp_path / "demo_toggled.png"), full_page=True)
+            # a method without a VFM disables (and empties) the VFM box; back to proxyclip restores its preset
+            vfm_box = page.locator("#ovseg-vfm input")
+            assert vfm_box.is_enabled() and vfm_box.input_value() == "dino_b8"
+            for name, enabled, value in (("naclip", False, ""), ("proxyclip", True, "dino_b8")):
+                page.locator("#ovseg-method input").fill(name)
+                page.locator("#ovseg-method input").press("Enter")
+                page.wait_for_function("([sel, on]) => !document.querySelector(sel).disabled === on",
+                                       arg=["#ovseg-vfm input", enabled])
+                assert vfm_box.input_value() == value
         finally:
             browser.close()
 
