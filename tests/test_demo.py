@@ -247,25 +247,27 @@ def test_api_endpoint_with_gradio_client(served, tmp_path):
         client.predict(client_mod.handle_file(str(path)), LABELS, "naclp", "dino_b8", 0.0, api_name="/predict")
 
 
-def _chromium() -> str:
+@pytest.fixture(scope="module")
+def chromium():
+    """(playwright.sync_api, path of Debian's Chromium); checked before the app is served, so a skip is cheap."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package 'playwright' is not installed")
     path = os.environ.get("OVSEG_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not os.access(path, os.X_OK):
-        pytest.skip("no Chromium installed (Debian: apt-get install chromium; .ci/run does it when it can), "
+        pytest.skip(f"no Chromium at {path} (Debian: apt-get install chromium; .ci/run installs it when it can), "
                     "so the browser test cannot run")
-    return path
+    return sync_api, path
 
 
-def test_browser_upload_label_toggle(served, tmp_path):
+def test_browser_upload_label_toggle(chromium, served, tmp_path):
     """A real headless Chromium: upload, type labels, Run, read the overlay image the page shows, untick a
-    class. A screenshot is left in tmp_path (demo.png)."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package 'playwright' is not installed")
-    chromium = _chromium()
+    class, switch methods. Screenshots are left in tmp_path (demo.png, demo_toggled.png)."""
+    sync_api, chromium_path = chromium
     app, url = served
     img = _image()
     path = tmp_path / "input.png"
     Image.fromarray(img).save(path)
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        browser = pw.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(60_000)
