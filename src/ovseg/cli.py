@@ -1,4 +1,4 @@
-"""``ovseg`` command line: ``predict``, ``list``, ``doctor``, ``eval``, ``convert-coco-object``.
+"""``ovseg`` command line: ``predict``, ``list``, ``doctor``, ``eval``, ``convert-coco-object``, ``demo``.
 
 Errors from bad input print one line on stderr and exit with code 2.
 """
@@ -302,11 +302,23 @@ def _cmd_convert_coco_object(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import launch_demo
+
+    def factory(method: str, vfm: Optional[str], vfm_weights: Optional[str]):  # the UI's choice + these options
+        return _segmenter(argparse.Namespace(**{**vars(args), "method": method, "vfm": vfm,
+                                                "vfm_weights": vfm_weights}))
+
+    return launch_demo(host=args.host, port=args.port, share=args.share, method=args.method, vfm=args.vfm,
+                       clip=args.clip, clip_weights=args.clip_weights, vfm_weights=args.vfm_weights,
+                       threshold=args.threshold, factory=factory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovseg", description="Training-free open-vocabulary semantic segmentation.")
     parser.add_argument("--version", action="version", version=f"ovseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{predict,list,doctor,eval,convert-coco-object}")
+                                metavar="{predict,list,doctor,eval,convert-coco-object,demo}")
     p = sub.add_parser("predict", help="segment images with a list of words",
                        description="Segment images (files, folders or globs) with any labels.")
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
@@ -345,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output root (default: the same folder)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_cmd_convert_coco_object)
+    w = sub.add_parser("demo", help='a web demo in the browser (pip install "ovseg[demo]")',
+                       description="Serve a Gradio web demo: upload an image, type labels, pick the method and VFM. "
+                                   "The options below set the weights and the initial choice; see docs/demo.md.")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    w.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    w.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
+    _add_model_args(w)
+    w.set_defaults(func=_cmd_demo)
     return parser
 
 
