@@ -43,7 +43,7 @@ def method_vfm(method: str) -> Optional[str]:
 
     if not isinstance(method, str) or not method.strip():
         raise InvalidInputError(f"method must be a name, got {method!r}; choose one of {_method_names()}")
-    return get_method(method.strip()).vfm
+    return get_method(method.strip()).vfm_names().get("vfm")
 
 
 def _method_names() -> List[str]:
@@ -190,31 +190,13 @@ def _as_rgb(image: Any) -> np.ndarray:
 
 
 def _settings(seg: Any, method: str, vfm: Optional[str], vfm_weights: Optional[str], threshold: float) -> Dict:
-    """JSON-able settings that shaped a result, read from the segmenter where it exposes them."""
-    cfg = getattr(seg, "cfg", None)
-    clip = getattr(seg, "clip", None)
-    out = {
-        "ovseg": __version__,
-        "method": method,
-        "clip": getattr(cfg, "clip", None),
-        "clip_weights": getattr(clip, "weights", None) or getattr(cfg, "clip_weights", None),
-        "activation": getattr(clip, "activation", None),
-        "clip_identity": getattr(clip, "identity", None),
-        "vfm": vfm,
-        "vfm_weights": (vfm_weights or "official") if vfm else None,
-        "threshold": threshold,
-        "window": list(cfg.window) if getattr(cfg, "window", None) is not None else None,
-        "stride": list(cfg.stride) if getattr(cfg, "stride", None) is not None else None,
-        "short_side": getattr(cfg, "short_side", None),
-        "templates": getattr(cfg, "templates", None),
-        "precision": getattr(seg, "precision", None),
-        "device": str(getattr(seg, "device", "")) or None,
-    }
-    if isinstance(out["templates"], tuple):
-        out["templates"] = list(out["templates"])
-    for key in ("activation", "clip_identity"):  # only when the segmenter exposes them
-        if out[key] is None:
-            del out[key]
+    """JSON-able settings that shaped a result: the demo's choices and the segmenter's own ``settings()``
+    (every method option, weights with the CLIP activation and identity, templates, precision, ovseg version)."""
+    full = seg.settings()
+    out = {"method": method, "vfm": vfm, "vfm_weights": (vfm_weights or "official") if vfm else None,
+           "threshold": threshold}
+    out.update({k: v for k, v in full.items() if k != "method"})
+    out["options"] = full["method"]
     return out
 
 
