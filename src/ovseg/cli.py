@@ -230,7 +230,7 @@ def _known_weights():
     VFM with a hub source."""
     import open_clip
 
-    from .backbones import VFMS
+    from .backbones import VFMS, get_vfm_cfg
     from .backbones.clip_weights import KNOWN_CLIP_WEIGHTS, tag_activation
 
     rows = []
@@ -239,15 +239,8 @@ def _known_weights():
         rows.append(("clip", f"{arch}/{tag}", cfg.get("hf_hub", "").rstrip("/"),
                      f"activation: {tag_activation(arch, tag)}"))
     for name in VFMS.names():
-        d = VFMS.get(name).defaults
-        repo = d.get("repo_id")
-        if repo is None and "timm_name" in d:
-            try:
-                import timm
-
-                repo = timm.models.get_pretrained_cfg(d["timm_name"]).hf_hub_id
-            except Exception:
-                repo = None
+        cfg = get_vfm_cfg(name)
+        repo = cfg.hub_repo if cfg is not None else None
         if repo:
             rows.append(("vfm", name, repo, ""))
     return rows

@@ -230,3 +230,29 @@ def test_import_does_not_pull_optional_packages():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
     assert {"sd15", "sd21", "sam_b16", "mae_h14", "dinov2_g14_reg"} <= set(ovseg.list_vfms())
+
+
+def test_vfm_configs_take_release_files_and_statistics_from_timm():
+    import timm
+
+    from ovseg.backbones import get_vfm_cfg
+
+    checked = 0
+    for name in list_vfms():
+        cfg = get_vfm_cfg(name)
+        assert cfg is not None, f"{name} has no typed configuration"
+        r = cfg.resolved()
+        if cfg.timm_name:
+            pre = timm.models.get_pretrained_cfg(cfg.timm_name)
+            assert (r.release_url, r.mean, r.std) == (pre.url, tuple(pre.mean), tuple(pre.std)), name
+            assert cfg.release_url is None and cfg.mean is None  # nothing copied by hand
+            checked += 1
+    assert checked >= 18
+    files = {n: get_vfm_cfg(n).resolved().release_file for n in ("dino_b8", "dinov2_b14_reg", "sam_b16", "mae_b16")}
+    assert files == {"dino_b8": "dino_vitbase8_pretrain.pth", "dinov2_b14_reg": "dinov2_vitb14_reg4_pretrain.pth",
+                     "sam_b16": "sam_vit_b_01ec64.pth", "mae_b16": "mae_pretrain_vit_base.pth"}
+    sd = get_vfm_cfg("sd15").resolved()
+    assert sd.mean == sd.std == (0.5, 0.5, 0.5) and sd.hub_repo == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    built = create_vfm("dino_b8", "random", model_kwargs=tiny_kwargs("dino_b8"))
+    assert (tuple(built.mean), tuple(built.std)) == (get_vfm_cfg("dino_b8").resolved().mean,
+                                                     get_vfm_cfg("dino_b8").resolved().std)

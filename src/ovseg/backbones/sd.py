@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidInputError
 from ..weights import check_hub_reachable, download_errors, downloading, offline_mode, parse_weights, seeded
-from .base import VFM, register_vfm
+from .base import VFM, VFMCfg, register_vfm
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +143,13 @@ def _empty_prompt(tokenizer, text_encoder) -> torch.Tensor:
     return text_encoder(ids)[0].detach()  # (1, 77, D)
 
 
-def build_sd(*, repo_id: str, unet: Dict[str, Any], vae: Dict[str, Any], weights: Any = None, seed: int = 0,
-             model_kwargs: Optional[Dict[str, Any]] = None, block: int = 0, scale: float = 2.0,
-             vfm_name: str = "sd") -> SDFeatures:
-    """``weights``: None (``repo_id`` from the Hugging Face hub), a local diffusers folder, a single-file
-    ``.safetensors`` checkpoint, or ``"random"`` (``model_kwargs={"unet": {...}, "vae": {...}}`` override the
-    configs)."""
+def build_sd(*, cfg: VFMCfg, weights: Any = None, seed: int = 0, model_kwargs: Optional[Dict[str, Any]] = None,
+             block: int = 0, scale: float = 2.0) -> SDFeatures:
+    """``weights``: None (the hub repository of ``cfg``), a local diffusers folder, a single-file ``.safetensors``
+    checkpoint, or ``"random"`` (``model_kwargs={"unet": {...}, "vae": {...}}`` override the configs)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    repo_id, unet, vae, vfm_name = cfg.options["repo_id"], cfg.options["unet"], cfg.options["vae"], cfg.name
 
     model_kwargs = dict(model_kwargs or {})
     src = parse_weights(weights, option="vfm_weights", what=f"VFM '{vfm_name}'")
@@ -187,6 +187,6 @@ def build_sd(*, repo_id: str, unet: Dict[str, Any], vae: Dict[str, Any], weights
 
 
 for _name, _cfg in SD_CONFIGS.items():
-    register_vfm(_name, build_sd, requires=(("diffusers", "sd"), ("transformers", "sd")),
-                 doc=f"Stable Diffusion {_name[2]}.{_name[3]} UNet decoder features (1280 ch, 22x22 at 336)",
-                 vfm_name=_name, **_cfg)
+    register_vfm(VFMCfg(_name, build_sd, requires=(("diffusers", "sd"), ("transformers", "sd")),
+                        doc=f"Stable Diffusion {_name[2]}.{_name[3]} UNet decoder features (1280 ch, 22x22 at 336)",
+                        mean=SDFeatures.mean, std=SDFeatures.std, options=_cfg))

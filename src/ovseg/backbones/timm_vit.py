@@ -20,7 +20,7 @@ from ..weights import (
     seeded,
     strict_load,
 )
-from .base import VFM
+from .base import VFM, VFMCfg
 from .hooks import Collect, Intermediates, timm_block_forward
 
 logger = logging.getLogger(__name__)
@@ -189,20 +189,10 @@ def create_timm_model(
     return model
 
 
-def build_timm_vit(
-    *,
-    timm_name: str,
-    release_file: str,
-    release_url: str,
-    weights: Any = None,
-    seed: int = 0,
-    model_kwargs: Optional[Dict[str, Any]] = None,
-    vfm_name: str = "vfm",
-    pos_mode: str = "legacy",
-    convert: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]] = None,
-) -> TimmViTFeatures:
-    """DINO / DINOv2 / MAE: a timm ViT (dynamic image size) wrapped as a dense feature extractor."""
-    vit = create_timm_model(timm_name=timm_name, release_file=release_file, release_url=release_url, weights=weights,
-                            seed=seed, kwargs=dict(num_classes=0, dynamic_img_size=True), model_kwargs=model_kwargs,
-                            vfm_name=vfm_name, convert=convert)
-    return TimmViTFeatures(vit, name=vfm_name, pos_mode=pos_mode)
+def build_timm_vit(*, cfg: VFMCfg, weights: Any = None, seed: int = 0,
+                   model_kwargs: Optional[Dict[str, Any]] = None) -> TimmViTFeatures:
+    """DINO / DINOv2 / MAE: the timm ViT of ``cfg`` (dynamic image size) wrapped as a dense feature extractor."""
+    vit = create_timm_model(timm_name=cfg.timm_name, release_file=cfg.release_file, release_url=cfg.release_url,
+                            weights=weights, seed=seed, kwargs=dict(num_classes=0, dynamic_img_size=True),
+                            model_kwargs=model_kwargs, vfm_name=cfg.name, convert=cfg.convert)
+    return TimmViTFeatures(vit, name=cfg.name, pos_mode=cfg.pos_mode, mean=cfg.mean, std=cfg.std)
