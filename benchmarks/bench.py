@@ -130,9 +130,12 @@ def flops_per_window(seg: Segmenter, shape, text: torch.Tensor) -> float:
 
 
 def build(method: str, vfm: Optional[str], precision: str, device: str, **opts) -> Segmenter:
+    from ovseg.methods import get_method
+
     kw = dict(clip_weights="random", templates="single", precision=precision, device=device, **opts)
-    if method == "proxyclip":
-        kw.update(vfm=vfm, vfm_weights="random")
+    roles = get_method(method).replace(vfm=vfm).vfm_names()
+    if roles:  # every VFM the method uses, with random weights
+        kw.update(vfm=vfm, vfm_weights={role: "random" for role in roles})
     return Segmenter(method, **kw)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovseg import Segmenter
+from ovseg import Segmenter, list_methods
 from ovseg.backbones import CLIPBackbone, Collect, create_clip, create_vfm, register_clip
 from ovseg.backbones.protocol import CLIPS
 from ovseg.errors import InvalidInputError, InvalidTypeError
@@ -280,7 +280,7 @@ def test_a_clip_that_is_not_open_clip_can_be_registered(rgb_image):
         CLIPS.unregister("toy-clip")
 
 
-@pytest.mark.parametrize("method", ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"])
+@pytest.mark.parametrize("method", list_methods())
 def test_dense_model_contract(method):
     """Every preset's model: unit-norm (N, E, h, w) features, declared VFMs present, a batch equal to one-by-one."""
     seg = make_segmenter(method)

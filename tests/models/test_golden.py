@@ -45,10 +45,7 @@ def _rounded(a: np.ndarray):
     return np.vectorize(lambda v: round(float(v), 6), otypes=[object])(a).tolist()
 
 
-SEED_METHODS = ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"]
-
-
-@pytest.mark.parametrize("method", SEED_METHODS)
+@pytest.mark.parametrize("method", list_methods())
 def test_golden_outputs(method):
     logits, probs, labels = _outputs(method)
     if os.environ.get("OVSEG_REGEN_GOLDEN"):
@@ -57,13 +54,9 @@ def test_golden_outputs(method):
         lines = [f" {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in sorted(data.items())]
         GOLDEN.write_text("{\n" + ",\n".join(lines) + "\n}\n")
         pytest.skip("golden outputs regenerated")
-    want = json.loads(GOLDEN.read_text())[method]
+    pinned = json.loads(GOLDEN.read_text())
+    assert method in pinned, f"pin golden outputs for {method}: OVSEG_REGEN_GOLDEN=1 pytest tests/models/test_golden.py"
+    want = pinned[method]
     np.testing.assert_allclose(logits, np.array(want["logits"]), rtol=0, atol=2e-5)
     np.testing.assert_allclose(probs, np.array(want["probs"]), rtol=0, atol=2e-4)
     np.testing.assert_array_equal(labels, np.array(want["labels"]))
-
-
-def test_every_preset_has_golden_outputs():
-    pinned = set(json.loads(GOLDEN.read_text()))
-    missing = sorted(set(list_methods()) - pinned)
-    assert not missing, f"pin golden outputs for {missing}: OVSEG_REGEN_GOLDEN=1 pytest tests/models/test_golden.py"

@@ -10,24 +10,11 @@ import torch.nn.functional as F
 import ovseg
 from ovseg.backbones import create_vfm, list_vfms
 
-from ..conftest import make_segmenter
-
-TINY_VIT = dict(embed_dim=48, depth=2, num_heads=2)
-TINY_SAM = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=[1])
-TINY_SD = {"unet": dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, cross_attention_dim=32,
-                        attention_head_dim=4, norm_num_groups=8),
-           "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)}
+from ..conftest import TINY_DINO as TINY_VIT
+from ..conftest import TINY_SAM, TINY_SD, make_segmenter, tiny_vfm_kwargs
 
 BUILTIN = [n for n in list_vfms()]
-
-
-def tiny_kwargs(name):
-    if name.startswith("sam"):
-        return TINY_SAM
-    if name.startswith("sd"):
-        pytest.importorskip("diffusers")
-        return TINY_SD
-    return TINY_VIT
+tiny_kwargs = tiny_vfm_kwargs
 
 
 def documented_grid(name, h, w):
