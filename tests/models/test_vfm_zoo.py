@@ -243,3 +243,11 @@ def test_vfm_configs_take_release_files_and_statistics_from_timm():
     built = create_vfm("dino_b8", "random", model_kwargs=tiny_kwargs("dino_b8"))
     assert (tuple(built.mean), tuple(built.std)) == (get_vfm_cfg("dino_b8").resolved().mean,
                                                      get_vfm_cfg("dino_b8").resolved().std)
+
+
+def test_sam_encoder_uses_the_release_layernorm_eps():
+    """Meta's SAM image encoder normalises with eps 1e-6 everywhere; timm's samvit constructor defaults to 1e-5,
+    which moves SAM's features by ~0.7 % on the same weights."""
+    vfm = create_vfm("sam_b16", "random", model_kwargs=TINY_SAM)
+    norms = [m for m in vfm.modules() if isinstance(m, torch.nn.LayerNorm) or type(m).__name__ == "LayerNorm2d"]
+    assert norms and {m.eps for m in norms} == {1e-6}
