@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ._deps import require
+from .errors import InvalidInputError, InvalidTypeError
 
 __all__ = ["Registry", "Entry", "suggest"]
 
@@ -64,9 +65,9 @@ class Registry:
 
     def get(self, name: str) -> Entry:
         if not isinstance(name, str):
-            raise TypeError(f"{self.kind} name must be a string, got {type(name).__name__} {name!r}")
+            raise InvalidTypeError(f"{self.kind} name must be a string, got {type(name).__name__} {name!r}")
         if name not in self._entries:
-            raise ValueError(
+            raise InvalidInputError(
                 f"unknown {self.kind} '{name}';{suggest(name, self._entries)} "
                 f"known: {', '.join(sorted(self._entries))} (see ovseg.{self.lister}())"
             )

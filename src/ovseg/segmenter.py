@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._validate import as_probability
 from .attention import get_attention
 from .backbones import create_clip, create_vfm
 from .config import CLIP_MEAN, CLIP_STD, PRECISIONS
@@ -307,9 +308,7 @@ class Segmenter:
         if not images:
             raise ValueError("no images given (empty list)")
         labelset = parse_labels(labels)
-        thd = self.cfg.threshold if threshold is None else threshold
-        if isinstance(thd, bool) or not isinstance(thd, (int, float)) or not 0.0 <= float(thd) <= 1.0:
-            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        thd = as_probability(self.cfg.threshold if threshold is None else threshold, "threshold")  # numpy/torch ok
         with torch.inference_mode():
             results = [self._finish(rgb, x, lg, labelset, float(thd), return_logits)
                        for rgb, x, lg in self._infer(images, labelset, progress)]
