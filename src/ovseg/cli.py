@@ -72,8 +72,7 @@ def collect_images(inputs: Sequence[str], recursive: bool = False) -> List[Tuple
                              if Path(m).is_file() and Path(m).suffix.lower() in IMAGE_SUFFIXES)
             if not matches:
                 raise PathNotFoundError(f"no images match '{item}'")
-            found.extend((m, m.relative_to(base).with_suffix("") if base != Path(".") or not m.is_absolute()
-                          else Path(m.stem)) for m in matches)
+            found.extend((m, m.relative_to(base).with_suffix("")) for m in matches)
         else:
             raise PathNotFoundError(f"image path not found: '{item}'")
     out: List[Tuple[Path, str]] = []
@@ -263,9 +262,66 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _outputs(out: Path, stem: str, save_probs: bool) -> Dict[str, Path]:
+    """The files ``SegmentationResult.save`` writes for ``stem`` under ``out``."""
+    paths = {"labels": out / f"{stem}_labels.png", "overlay": out / f"{stem}_overlay.png"}
+    if save_probs:
+        paths["probs"] = out / f"{stem}_probs.npy"
+    return paths
+
+
+def _record(path: Path, out: Path, paths: Dict[str, Path], label_map, labels: Sequence[str]) -> Dict[str, Any]:
+    """One image's entry of results.json, from its label map (so a resumed image gets the same entry)."""
+    import numpy as np
+
+    counts = np.bincount(label_map.ravel(), minlength=len(labels))
+    return {
+        "file": str(path), "height": int(label_map.shape[0]), "width": int(label_map.shape[1]),
+        **{f"{k}_{'npy' if k == 'probs' else 'png'}": os.path.relpath(v, out) for k, v in paths.items()},
+        "fractions": {lab: round(float(c) / label_map.size, 6) for lab, c in zip(labels, counts)},
+    }
+
+
+def _stored_label_map(paths: Dict[str, Path]):
+    """The label map of outputs written by an earlier run, or None if any of its files is missing."""
+    import numpy as np
+    from PIL import Image
+
+    if not all(p.is_file() for p in paths.values()):
+        return None
+    try:
+        with Image.open(paths["labels"]) as im:
+            return np.asarray(im).astype(np.int64)
+    except Exception:  # unreadable: predict again
+        return None
+
+
+def _run_settings(out: Path, keyed: Dict[str, Any], key: str, resume: bool, rank: int) -> bool:
+    """Check (``resume``) and write ``out/settings.json``; True if outputs in ``out`` may be reused."""
+    from .provenance import settings_diff
+
+    path = out / "settings.json"
+    reuse = False
+    if resume:
+        if path.is_file():
+            old = json.loads(path.read_text(encoding="utf-8"))
+            if old.get("key") != key:
+                diff = "; ".join(settings_diff(old.get("keyed", {}), keyed))
+                raise InvalidInputError(
+                    f"--resume: the outputs in '{out}' were made with other settings ({diff}); run without "
+                    "--resume (or with another --out) to predict them again with these settings")
+            reuse = True
+        elif rank == 0:
+            _warn(f"--resume: '{out}' has no settings.json from an earlier run; predicting every image")
+    if rank == 0:
+        tmp = out / f".settings.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"key": key, "keyed": keyed}, indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+    return reuse
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .preprocess import load_image
-    from .provenance import settings_of
+    from .distributed import finish_distributed, init_distributed
 
     labelset = _labelset(args)  # every argument is checked before any model is built
     images = collect_images(args.images, recursive=args.recursive)
@@ -273,51 +329,88 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _check_range(args.max_pixels, "--max-pixels", 1)
     seg_kwargs = check_model_args(args)
     out = check_out_dir(args.out)
-    if (out / "results.json").exists():
+    rank, world, args.device = init_distributed(args.device)
+    try:
+        return _predict(args, labelset, images, seg_kwargs, out, rank, world)
+    finally:
+        finish_distributed(world)
+
+
+def _predict(args, labelset, images, seg_kwargs, out: Path, rank: int, world: int) -> int:
+    """Segment this process's share of ``images`` (every ``world``-th, from ``rank``); rank 0 writes results.json."""
+    from .distributed import gather_objects, shard
+    from .preprocess import load_image
+    from .provenance import prediction_key, settings_of
+
+    if rank == 0 and not args.resume and (out / "results.json").exists():
         _warn(f"'{args.out}' holds the results of an earlier run; its results.json and outputs with the same "
               "names are overwritten")
     seg = _segmenter(args, seg_kwargs)
     settings = settings_of(seg, vfm_weights=seg_kwargs["vfm_weights"])
-    records: List[Dict[str, Any]] = []
-    failures: List[Dict[str, str]] = []
+    key, keyed = prediction_key(settings, labels=list(labelset.names), queries=list(labelset.queries),
+                                alpha=args.alpha)
+    reuse = _run_settings(out, keyed, key, args.resume, rank)
+    mine = shard(len(images), rank, world)
+    records: Dict[int, Dict[str, Any]] = {}
+    failures: Dict[int, Dict[str, str]] = {}
+    reused = 0
     complete = False
-    iterator = images
-    if not args.quiet:
+    iterator = mine
+    if not args.quiet and rank == 0:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(images, desc="images", unit="img", file=sys.stderr)
+        iterator = tqdm(mine, desc="images" if world == 1 else f"images (rank 0 of {world})", unit="img",
+                        file=sys.stderr)
     try:
-        for path, stem in iterator:
+        for i in iterator:
+            path, stem = images[i]
+            paths = _outputs(out, stem, args.save_probs)
+            stored = _stored_label_map(paths) if reuse else None
+            if stored is not None:
+                records[i] = _record(path, out, paths, stored, labelset.names)
+                reused += 1
+                continue
             try:  # a bad file (unreadable, too large, too small) is skipped; everything else is a bug and stops
                 rgb = load_image(path, max_pixels=args.max_pixels)
                 res = seg.predict(rgb, labelset)
             except OvsegError as e:
                 _warn(f"skipped '{path}': {_one_line(e)}")
-                failures.append({"file": str(path), "error": _one_line(e)})
+                failures[i] = {"file": str(path), "error": _one_line(e)}
                 continue
-            paths = res.save(out / Path(stem).parent, Path(stem).name, save_probs=args.save_probs, alpha=args.alpha)
-            records.append({
-                "file": str(path), "height": res.size[0], "width": res.size[1],
-                **{f"{k}_{'npy' if k == 'probs' else 'png'}": os.path.relpath(v, out) for k, v in paths.items()},
-                "fractions": {k: round(v, 6) for k, v in res.fractions().items()},
-            })
+            res.save(out / Path(stem).parent, Path(stem).name, save_probs=args.save_probs, alpha=args.alpha)
+            records[i] = _record(path, out, paths, res.label_map, labelset.names)
         complete = True
-    finally:  # written even when a bug or Ctrl-C stops the run, with "complete": false
-        summary = {
-            "ovseg": __version__, "method": seg.cfg.name, "clip": seg.cfg.clip, "clip_weights": seg.clip.weights,
-            "vfm": seg.cfg.vfm, "settings": settings, "max_pixels": args.max_pixels,
-            "labels": list(labelset.names), "queries": list(labelset.queries),
-            "query_class": [labelset.names[c] for c in labelset.query_class], "synonyms": labelset.synonyms(),
-            "complete": complete, "num_images": len(records), "num_failed": len(failures),
-            "images": records, "failed": failures,
-        }
-        (out / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    if failures:
-        print(f"ovseg: {len(failures)} of {len(images)} input(s) failed (listed under \"failed\" in "
-              f"{out}/results.json); exit code {EXIT_PARTIAL}", file=sys.stderr)
+    finally:
+        # one results.json, merged in input order; a single process writes it even when a bug or Ctrl-C stops
+        # it ("complete": false). Under torchrun a failing rank stops them all: --resume continues from the files.
+        if complete or world == 1:
+            parts = gather_objects((records, failures, reused), world) if complete else [(records, failures, reused)]
+            all_records = {i: r for part in parts for i, r in part[0].items()}
+            all_failures = {i: f for part in parts for i, f in part[1].items()}
+            if rank == 0:
+                summary = {
+                    "ovseg": __version__, "method": seg.cfg.name, "clip": seg.cfg.clip,
+                    "clip_weights": seg.clip.weights, "vfm": seg.cfg.vfm, "settings": settings, "key": key,
+                    "max_pixels": args.max_pixels, "labels": list(labelset.names), "queries": list(labelset.queries),
+                    "query_class": [labelset.names[c] for c in labelset.query_class],
+                    "synonyms": labelset.synonyms(), "complete": complete, "world_size": world,
+                    "num_images": len(all_records), "num_reused": sum(p[2] for p in parts),
+                    "num_failed": len(all_failures),
+                    "images": [all_records[i] for i in sorted(all_records)],
+                    "failed": [all_failures[i] for i in sorted(all_failures)],
+                }
+                tmp = out / f".results.json.{os.getpid()}.tmp"
+                tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+                os.replace(tmp, out / "results.json")
+    n_failed = len(all_failures)
+    if n_failed:
+        if rank == 0:
+            print(f"ovseg: {n_failed} of {len(images)} input(s) failed (listed under \"failed\" in "
+                  f"{out}/results.json); exit code {EXIT_PARTIAL}", file=sys.stderr)
         return EXIT_PARTIAL
-    if not args.quiet:
-        print(f"wrote {len(records)} result(s) to {out}/ (results.json)", file=sys.stderr)
+    if not args.quiet and rank == 0:
+        extra = f", {sum(p[2] for p in parts)} reused" if args.resume else ""
+        print(f"wrote {len(all_records)} result(s) to {out}/ (results.json{extra})", file=sys.stderr)
     return 0
 
 
@@ -504,6 +597,9 @@ def _add_predict(sub) -> None:
     p.add_argument("--recursive", action="store_true", help="search folders recursively")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="read images up to this many pixels (default: Pillow's decompression-bomb limit, ~179 MP)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip images whose outputs are already in --out, made with the same settings (refused if "
+                        "they were made with others)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
     p.set_defaults(func=_cmd_predict)

@@ -20,6 +20,18 @@ logger = logging.getLogger(__name__)
 __all__ = ["SegmentationResult", "palette", "find_font"]
 
 
+def _atomic(path: Path, write) -> None:
+    """``write(file object)`` to a temporary file next to ``path``, then rename it to ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def palette(n: int) -> np.ndarray:
     """``n`` distinct, deterministic RGB colours (uint8, (n, 3)): golden-ratio hue steps, alternating brightness."""
     cols = []
@@ -135,15 +147,18 @@ class SegmentationResult:
     def save(self, directory: Union[str, os.PathLike], stem: str = "image", *, save_probs: bool = False,
              alpha: float = 0.5) -> Dict[str, str]:
         """Write ``<stem>_labels.png`` (palette), ``<stem>_overlay.png`` (with legend) and, with ``save_probs``,
-        ``<stem>_probs.npy`` (C, H, W) float32. Returns the written paths by kind."""
+        ``<stem>_probs.npy`` (C, H, W) float32. Each file is written under a temporary name and renamed, so an
+        interrupted run never leaves a half-written file. Returns the written paths by kind."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"labels": out / f"{stem}_labels.png", "overlay": out / f"{stem}_overlay.png"}
-        self.label_image().save(paths["labels"])
-        self.overlay(alpha, legend=True).save(paths["overlay"])
+        _atomic(paths["labels"], lambda f: self.label_image().save(f, format="PNG"))
+        _atomic(paths["overlay"], lambda f: self.overlay(alpha, legend=True).save(f, format="PNG"))
         if save_probs:
+            if self.probs is None:
+                raise InvalidInputError("save_probs=True but this result has no probs")
             paths["probs"] = out / f"{stem}_probs.npy"
-            np.save(paths["probs"], self.probs)
+            _atomic(paths["probs"], lambda f: np.save(f, self.probs))
         return {k: str(v) for k, v in paths.items()}
 
     def _repr_png_(self) -> bytes:

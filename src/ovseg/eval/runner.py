@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ..distributed import dist_info, init_distributed  # noqa: F401  (re-exported: ovseg <= 0.1 imported them here)
 from ..errors import InvalidInputError, PathNotFoundError
 from ..provenance import prediction_key, settings_diff, settings_of
 from .datasets import SegmentationFolder
@@ -27,31 +28,6 @@ from .published import PAPER_DATASETS, published_for
 logger = logging.getLogger(__name__)
 
 __all__ = ["dist_info", "evaluate_dataset", "run_eval", "run_suite", "init_distributed"]
-
-
-def dist_info() -> Tuple[int, int, int]:
-    """(rank, world size, local rank) from the torchrun environment (0, 1, 0 without it)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def init_distributed(device: Optional[str]) -> Tuple[int, int, Optional[str]]:
-    """Initialise torch.distributed under torchrun; returns (rank, world, device to use)."""
-    rank, world, local = dist_info()
-    if world <= 1:
-        return 0, 1, device
-    import torch.distributed as dist
-
-    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-    if use_cuda:
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    else:
-        device = "cpu"
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return rank, world, device
 
 
 def _save_png(path: Path, label_map: np.ndarray) -> None:
