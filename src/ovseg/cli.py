@@ -7,6 +7,7 @@ line on stderr, checked before any model is built where possible; 3 ``predict`` 
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import json
 import os
@@ -669,3 +670,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OvsegError as e:  # a user error: one line; anything else is a bug and keeps its traceback
         print(f"ovseg: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        # a Segmenter holds a reference cycle (a bound method of itself), so its models are freed by the cyclic
+        # collector only: collect now, so that calling main() repeatedly in one process does not pile them up
+        gc.collect()

@@ -113,10 +113,10 @@ def prediction_dir(root: Path, key: str, keyed: Dict[str, Any], *, resume: bool,
     """
     pred_dir = root / key
     if resume and not (pred_dir / "settings.json").is_file():
-        others = sorted(root.glob("*/settings.json"))
+        others = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.glob("*/settings.json"))]
         if others:
-            old = json.loads(others[-1].read_text(encoding="utf-8"))
-            diff = "; ".join(settings_diff(old, keyed))
+            nearest = min(others, key=lambda old: len(list(settings_diff(old, keyed, limit=10**6))))
+            diff = "; ".join(settings_diff(nearest, keyed))
             raise InvalidInputError(
                 f"--resume: the predictions in '{root}' were made with other settings ({diff}); run without "
                 f"--resume to predict again with these settings (kept apart in '{pred_dir}'), or use the earlier "
