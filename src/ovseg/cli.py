@@ -510,7 +510,7 @@ def _known_weights():
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.datasets import SegmentationFolder
+    from .eval.datasets import SegmentationFolder, get_dataset_spec
     from .eval.presets import get_eval_preset
     from .eval.published import PAPER_DATASETS
     from .eval.runner import init_distributed, read_roots, run_eval, run_suite
@@ -528,6 +528,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--roots '{args.roots}' has no entry for: {', '.join(missing)}")
     seg_kwargs = check_model_args(args)
     for name in names:  # every dataset name, root, layout and preset is checked before any model is built
+        get_dataset_spec(name)  # did-you-mean for a misspelt name
         get_eval_preset(args.method, name)
         SegmentationFolder(name, roots[name])
     if args.out:
