@@ -238,6 +238,8 @@ def test_resclip_weights_bad_input():
         rc.resclip_weights(q, q, base="naclip", grid=(2, 3), rcs=torch.rand(1, 2, 7, 7))
     with pytest.raises(InvalidInputError, match="do not fit"):
         rc.resclip_weights(q, q, base="naclip", grid=(3, 3))
+    with pytest.raises(InvalidInputError, match="reads q and k; got None for q"):
+        rc.resclip_weights(None, q, base="sclip", grid=(2, 3))
     with pytest.raises(InvalidInputError, match="sigma"):
         rc.sfr_bias(DESIGNED_GRID[None], sigma=0.0)
 

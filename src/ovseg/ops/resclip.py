@@ -171,6 +171,8 @@ def connectivity(labels: torch.Tensor, *, chunk: int = 64) -> torch.Tensor:
     """
     if labels.dim() != 3:
         raise InvalidInputError(f"labels must be (B, gh, gw), got {tuple(labels.shape)}")
+    if int(chunk) < 1:
+        raise InvalidInputError(f"chunk must be >= 1, got {chunk}")
     b, gh, gw = labels.shape
     n = gh * gw
     flat = labels.reshape(b, n)
@@ -291,9 +293,11 @@ def resclip_weights(
     _check_base(base)
     if rcs is not None and rcs_mix is None or sfr is not None and sfr_mix is None:
         raise InvalidInputError("rcs needs rcs_mix=(tau, lambda) and sfr needs sfr_mix=(tau, lambda)")
+    needs = {"naclip": "k", "clearclip": "q", "sclip": "qk", "vanilla": "qk"}[base]
+    missing = [n for n, t in (("q", q), ("k", k)) if n in needs and t is None]
+    if missing:
+        raise InvalidInputError(f"base {base!r} reads {' and '.join(needs)}; got None for {', '.join(missing)}")
     ref = k if k is not None else q
-    if ref is None:
-        raise InvalidInputError("resclip_weights needs q and/or k")
     scale = ref.shape[-1] ** -0.5 if scale is None else scale
     s_hat = None if sfr is None else sfr.unsqueeze(1)  # (B, 1, T, T), shared by the heads
 
