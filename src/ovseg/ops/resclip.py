@@ -1,10 +1,10 @@
 """ResCLIP (Yang et al., "ResCLIP: Residual Attention for Training-free Dense Vision-language Inference",
 CVPR 2025): its two attention terms as computed by the official code (``yvhangyang/ResCLIP``, March 2025).
 
-- RCS, residual cross-correlation self-attention (§3.2): the mean of the post-softmax q-k attention maps of
+- RCS, residual cross-correlation self-attention: the mean of the post-softmax q-k attention maps of
   intermediate blocks (6-9 of ViT-B/16, 1-indexed), mixed into the last block's attention weights:
   ``A = τ_rcs ((1 − λ_rcs) A_s + λ_rcs A_c)`` (:func:`rcs_attention`, :func:`residual_mix`).
-- SFR, semantic feedback refinement (§3.3): a first pass (with RCS) gives a segmentation of the window; its labels
+- SFR, semantic feedback refinement: a first pass (with RCS) gives a segmentation of the window; its labels
   on the patch grid build a same-label matrix, decayed where the straight path between two patches leaves the
   label, blurred along the key index and row-normalised (:func:`label_grid`, :func:`connectivity`,
   :func:`sfr_bias`); the second pass mixes it into the attention *logits*

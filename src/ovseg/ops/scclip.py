@@ -1,13 +1,13 @@
 """SC-CLIP (Bai et al., "Self-Calibrated CLIP for Training-Free Open-Vocabulary Segmentation", IEEE TIP 2025):
 the operations of its last CLIP layer, as computed by the official code (``SuleBai/SC-CLIP``, March 2025).
 
-1. Anomaly tokens (§III-B): a local-outlier score on the patch tokens entering the last block
+1. Anomaly tokens: a local-outlier score on the patch tokens entering the last block
    (:func:`lof_scores`, :func:`lof_anomalies`), each anomaly replaced by the mean of its non-anomalous
    8-neighbours (:func:`repair_anomalies`).
-2. Self-adjusting (§III-C): the cosine similarity ``S`` of a repaired intermediate layer re-aggregates the tokens
-   through a cut, row-normalised copy (:func:`reaggregation_weights`, Eq. 4) and guides the last block's
-   attention (:func:`guided_attention_weights`, Eq. 5).
-3. Multi-level fusion (§III-D): the sum of several intermediate layers goes through the same last-block attention
+2. Self-adjusting: the cosine similarity ``S`` of a repaired intermediate layer re-aggregates the tokens
+   through a cut, row-normalised copy (:func:`reaggregation_weights`) and guides the last block's
+   attention (:func:`guided_attention_weights`; the paper's Eq. 5 as coded).
+3. Multi-level fusion: the sum of several intermediate layers goes through the same last-block attention
    and is added (:func:`scclip_tokens`), both branches re-aggregated by a shallow layer's similarity.
 4. Post-processing for VOC with background: :func:`area_filter`.
 
@@ -149,7 +149,7 @@ def reference_anomaly_positions(anomalies: torch.Tensor, grid: Grid) -> torch.Te
 
 
 def repair_anomalies(x: torch.Tensor, anomalies: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """Replace each anomalous token by the mean of its in-image, non-anomalous 8-neighbours (SC-CLIP §III-B).
+    """Replace each anomalous token by the mean of its in-image, non-anomalous 8-neighbours.
 
     All anomalies are replaced at once from the original values; one without any valid neighbour is kept.
     Computed like the reference: a zero-padded 3x3 depthwise sum (centre weight 0) of the masked map, divided
@@ -188,7 +188,7 @@ def cosine_similarity(x: torch.Tensor) -> torch.Tensor:
 
 
 def reaggregation_weights(sim: torch.Tensor, *, beta: float = 0.4, eps: float = 1e-6) -> torch.Tensor:
-    """SC-CLIP Eq. 4: similarities below ``beta`` set to 0, rows divided by their sum + ``eps``.
+    """SC-CLIP's re-aggregation weights: similarities below ``beta`` set to 0, rows divided by their sum + ``eps``.
 
     ``weights @ x`` re-aggregates tokens (the reference's ``adaptively_aggregate``).
 
