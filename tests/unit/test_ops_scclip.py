@@ -305,6 +305,17 @@ def test_scclip_non_square_corrected_positions_differ_from_the_reference(tiny_cl
     assert (_feat_rows(raw) - torch.tensor(OFFICIAL_TALL["feats"])).abs().max() > 1e-2
 
 
+def test_scclip_reference_positions_fail_where_the_official_code_fails(tiny_clip):
+    # seed 3: the official code raises "IndexError: index 13 is out of bounds for dimension 1 with size 10"
+    crops = normalize(synthetic_image(224, 160, seed=3))
+    outs, _, grid = run_trunk(tiny_clip, crops)
+    block = tiny_clip.visual.transformer.resblocks[-1]
+    with pytest.raises(InvalidInputError, match=r"at \(row, col\) = \(\d+, 1[0-3]\), outside the grid"):
+        sc.scclip_tokens(outs, grid, block, num_layers=12, reference_positions=True)
+    with torch.no_grad():
+        assert torch.isfinite(sc.scclip_tokens(outs, grid, block, num_layers=12)).all()  # corrected positions
+
+
 def test_scclip_tokens_square_grid_positions_agree(tiny_clip):
     crops = normalize(synthetic_image(224, 224, seed=0))
     outs, _, grid = run_trunk(tiny_clip, crops)
