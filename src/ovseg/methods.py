@@ -279,3 +279,17 @@ for _cfg in (
 ):
     register_method(_cfg)
 
+
+
+# SC-CLIP and ResCLIP (issue 12): CLIP-only 2025 methods with their own dense strategies (docs/methods.md).
+for _cfg in (
+    MethodCfg("scclip", "scclip", description="SC-CLIP (Bai et al., TIP 2025): anomaly repair, similarity-guided "
+              "last block and multi-level fusion (OpenAI ViT-B/16, 224/112 windows)"),
+    MethodCfg("resclip", "resclip", description="ResCLIP (Yang et al., CVPR 2025) on NACLIP: residual "
+              "cross-correlation attention + semantic feedback refinement"),
+    MethodCfg("resclip_sclip", "resclip", {"base": "sclip"},
+              description="ResCLIP (CVPR 2025) on SCLIP's last block (residual and FFN kept)"),
+    MethodCfg("resclip_clearclip", "resclip", {"base": "clearclip"},
+              description="ResCLIP (CVPR 2025) on ClearCLIP's last block"),
+):
+    register_method(_cfg)
