@@ -387,12 +387,12 @@ def scclip_tokens(
 
 
 def area_filter(scores: torch.Tensor, *, area_thd: float = 0.1) -> torch.Tensor:
-    """SC-CLIP's (and SCLIP's) VOC post-processing: drop small foreground classes before the argmax.
+    """SC-CLIP's (and SCLIP's) VOC post-processing on whole images: drop small foreground classes before the argmax.
 
     A class c ≥ 1 keeps its scores only if its argmax pixel count is strictly greater than ``area_thd`` times the
     total argmax count of classes ≥ 1; otherwise its map is set to 0. Class 0 (background) is never changed.
-    Applied to class-level probabilities at full resolution, after the synonym max and before the argmax and
-    the probability threshold. Counts are compared in the scores' dtype, like the reference.
+    This is the pipeline's ``area_threshold`` (:class:`ovseg.head.Head`, which the Segmenter applies band by band
+    after a whole-image counting pass); this function applies the same head to tensors held in memory.
 
     Args:
         scores: (C, H, W) or (B, C, H, W) class probabilities of whole images.
@@ -401,16 +401,16 @@ def area_filter(scores: torch.Tensor, *, area_thd: float = 0.1) -> torch.Tensor:
     Returns:
         scores with the dropped classes zeroed (a new tensor, same shape and dtype).
     """
+    from ..head import Head
+
     single = scores.dim() == 3
     s = scores.unsqueeze(0) if single else scores
     if s.dim() != 4 or s.shape[1] < 2:
         raise InvalidInputError(f"scores must be (C, H, W) or (B, C, H, W) with C >= 2, got {tuple(scores.shape)}")
-    b, c = s.shape[:2]
-    pred = s.argmax(dim=1).flatten(1)  # (B, H·W), ties to the lowest class
-    counts = torch.zeros(b, c, dtype=torch.long, device=s.device).scatter_add_(1, pred, torch.ones_like(pred))
-    area = counts[:, 1:].to(s.dtype)  # (B, C-1)
-    keep = (area > area_thd * area.sum(dim=1, keepdim=True)).to(s.dtype)
-    factor = torch.cat([torch.ones_like(keep[:, :1]), keep], dim=1)  # (B, C)
-    out = s * factor[:, :, None, None]
+    head = Head(area_threshold=float(area_thd))
+    out = s.clone()
+    for b in range(s.shape[0]):
+        dropped = head.dropped_classes(head.area_counts(s[b]))  # (C,) bool or None
+        if dropped is not None:
+            out[b, dropped] = 0
     return out[0] if single else out
-
