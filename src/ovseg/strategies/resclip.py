@@ -41,11 +41,9 @@ def rcs_blocks(depth: int, layers: Optional[Tuple[int, int]] = None) -> Tuple[in
     return tuple(range(first - 1, last))
 
 
-def _mix(name: str, value: Any) -> Optional[Tuple[float, float]]:
-    if value is None:
-        return None
+def _mix(name: str, value: Any) -> Tuple[float, float]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise InvalidInputError(f"{name} must be a (tau, lambda) pair or None (term off), got {value!r}")
+        raise InvalidInputError(f"{name} must be a (tau, lambda) pair, got {value!r}")
     return positive(name, value[0]), unit_interval(name, value[1])
 
 
@@ -74,8 +72,10 @@ class ResCLIP(DenseStrategy):
     params = (
         Param("base", "naclip", "base method of the last block: naclip, clearclip, sclip or vanilla",
               one_of(*sorted(ops.BASES))),
-        Param("rcs_mix", (2.0, 0.3), "RCS (tau, lambda): W = tau((1-lambda) W + lambda A_c); None = off", _mix),
-        Param("sfr_mix", (1.8, 0.7), "SFR (tau, lambda) on the second pass's logits; None = one pass only", _mix),
+        Param("rcs", True, "mix the intermediate attention maps (RCS) into the last block's attention", boolean),
+        Param("sfr", True, "second pass with the semantic feedback (SFR) of the first pass's labels", boolean),
+        Param("rcs_mix", (2.0, 0.3), "RCS (tau, lambda): W = tau((1-lambda) W + lambda A_c)", _mix),
+        Param("sfr_mix", (1.8, 0.7), "SFR (tau, lambda) on the second pass's logits", _mix),
         Param("temp_thd", 0.3, "first-pass pixels less confident than this take query 0", unit_interval),
         Param("rcs_layers", None, "(first, last) 1-indexed blocks averaged by RCS (None: (6, 9))",
               optional(_layer_range)),
@@ -92,9 +92,9 @@ class ResCLIP(DenseStrategy):
     @classmethod
     def check(cls, options: Mapping[str, Any], **kwargs: Any):
         out = super().check(options, **kwargs)
-        if out["rcs_mix"] is None and out["sfr_mix"] is None:
+        if not out["rcs"] and not out["sfr"]:
             plain = _PRESET_OF_BASE.get(out["base"], out["base"])
-            raise InvalidInputError("rcs_mix and sfr_mix are both None, which is the plain base method: use "
+            raise InvalidInputError("rcs=False and sfr=False is the plain base method: use "
                                     f"Segmenter('{plain}') instead, or keep one of the terms")
         return out
 
@@ -102,12 +102,13 @@ class ResCLIP(DenseStrategy):
         clip = model.clip
         o = self.options
         blocks = rcs_blocks(clip.num_blocks, o["rcs_layers"])
-        need_maps = o["rcs_mix"] is not None
+        need_maps = o["rcs"]
         out = clip.forward_intermediates(crops, Collect(attn=blocks if need_maps else ()))
         maps = [out.attn[i] for i in blocks] if need_maps else []  # (B, nh, T, T) each
         tokens = ops.resclip_tokens(
             out.x, maps, clip.block(-1), clip.project, context.text, crops, patch_size=tuple(clip.patch_size),
-            base=o["base"], temp_thd=o["temp_thd"], rcs_mix=o["rcs_mix"], sfr_mix=o["sfr_mix"],
+            base=o["base"], temp_thd=o["temp_thd"], rcs_mix=o["rcs_mix"] if o["rcs"] else None,
+            sfr_mix=o["sfr_mix"] if o["sfr"] else None,
             residual=o["residual"], sigma=o["sigma"], logit_scale=o["feedback_logit_scale"],
             pamr_steps=o["feedback_pamr_steps"], pamr_dilations=o["feedback_pamr_dilations"],
             delete_same_entity=o["delete_same_entity"], fp16_round=o["sfr_fp16"])  # (B, T, D)
