@@ -46,11 +46,11 @@ def _check_tokens(x: torch.Tensor, name: str, grid: Optional[Grid] = None) -> No
 def _pairwise_sq_dist(x: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
     """``‖x_i − x_j‖²`` as the reference computes it (norm of the difference, then squared), (B, N, D) -> (B, N, N).
 
-    Rows are processed in chunks so that at most ``chunk_elems`` differences exist at once; each entry is the
-    same reduction as the reference's full (N, N, D) tensor, so the values are identical.
+    Rows are processed in chunks so that at most ``chunk_elems`` differences (over the batch) exist at once; each
+    entry is the same reduction as the reference's full (N, N, D) tensor, so the values are identical.
     """
     b, n, d = x.shape
-    rows = max(1, chunk_elems // max(1, n * d))
+    rows = max(1, chunk_elems // max(1, b * n * d))  # the whole batch's differences stay under chunk_elems
     out = x.new_empty((b, n, n))
     for i in range(0, n, rows):
         diff = x[:, i:i + rows, None, :] - x[:, None, :, :]  # (B, r, N, D)
