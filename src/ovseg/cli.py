@@ -1,4 +1,4 @@
-"""``ovseg`` command line: ``predict``, ``list``, ``doctor``, ``eval``, ``convert-coco-object``.
+"""``ovseg`` command line: ``predict``, ``list``, ``doctor``, ``eval``, ``cache``, ``convert-coco-object``.
 
 Errors from bad input print one line on stderr and exit with code 2.
 """
@@ -101,10 +101,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _segmenter(args: argparse.Namespace):
     from .segmenter import Segmenter
 
-    return Segmenter(args.method, clip=args.clip, clip_weights=args.clip_weights, vfm=args.vfm,
-                     vfm_weights=args.vfm_weights, device=args.device, precision=args.precision,
-                     window=args.window, stride=args.stride, short_side=args.short_side,
-                     batch_size=args.batch_size, pamr_steps=args.pamr_steps, templates=_templates(args.templates))
+    seg = Segmenter(args.method, clip=args.clip, clip_weights=args.clip_weights, vfm=args.vfm,
+                    vfm_weights=args.vfm_weights, device=args.device, precision=args.precision,
+                    window=args.window, stride=args.stride, short_side=args.short_side,
+                    batch_size=args.batch_size, pamr_steps=args.pamr_steps, templates=_templates(args.templates))
+    seg.text.progress = not getattr(args, "quiet", False)  # a bar when hundreds of prompts are encoded
+    return seg
 
 
 def _templates(value: Optional[str]):
@@ -190,7 +192,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     mps = getattr(torch.backends, "mps", None)
     print(f"MPS available: {bool(mps and mps.is_available())} | CPU threads: {torch.get_num_threads()} | "
           f"CPU capability: {torch.backends.cpu.get_cpu_capability()}")
-    print(f"default device: {'cuda' if cuda else 'cpu'} | default precision: {'fp16' if cuda else 'fp32'}")
+    from .cache import TextEmbeddingCache
+    from .precision import cpu_capability_line, resolve_precision
+
+    print(cpu_capability_line())
+    device = "cuda" if cuda else "cpu"
+    print(f"default device: {device} | precision \"auto\" picks: {resolve_precision('auto', device)}")
+    print(f"text-embedding cache: {_cache_summary(TextEmbeddingCache().info())}")
     print("packages:")
     for pkg, extra in (("open_clip_torch", ""), ("timm", ""), ("torchvision", ""), ("huggingface_hub", ""),
                        ("safetensors", ""), ("numpy", ""), ("pillow", ""), ("diffusers", "sd"),
@@ -209,6 +217,29 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     for kind, name, repo in _known_weights():
         state = "cached" if repo in cached else "not cached"
         print(f"  {kind:<5} {name:<28} {repo:<48} {state}")
+    return 0
+
+
+def _cache_summary(info: dict) -> str:
+    state = "" if info["enabled"] else " (disabled: OVSEG_TEXT_CACHE=0 or a 0 MB bound)"
+    return (f"{info['location']} | {info['entries']} entries, {info['bytes'] / 2**20:.1f} MB of "
+            f"{info['max_bytes'] / 2**20:.0f} MB{state}")
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import ENV_HOME, ENV_TEXT_CACHE, ENV_TEXT_CACHE_MB, TextEmbeddingCache
+
+    cache = TextEmbeddingCache()
+    if args.action == "clear":
+        n, size = cache.clear()
+        print(f"removed {n} text-embedding entries ({size / 2**20:.1f} MB) from {cache.dir}")
+        return 0
+    info = cache.info()
+    print(f"text-embedding cache: {info['location']}")
+    print(f"entries: {info['entries']} | size: {info['bytes'] / 2**20:.1f} MB | bound: "
+          f"{info['max_bytes'] / 2**20:.0f} MB ({ENV_TEXT_CACHE_MB}) | enabled: {'yes' if info['enabled'] else 'no'} "
+          f"({ENV_TEXT_CACHE}=0 disables)")
+    print(f"location set by {ENV_HOME} (default ~/.cache/ovseg)")
     return 0
 
 
@@ -299,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovseg", description="Training-free open-vocabulary semantic segmentation.")
     parser.add_argument("--version", action="version", version=f"ovseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{predict,list,doctor,eval,convert-coco-object}")
+                                metavar="{predict,list,doctor,eval,cache,convert-coco-object}")
     p = sub.add_parser("predict", help="segment images with a list of words",
                        description="Segment images (files, folders or globs) with any labels.")
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
@@ -332,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(e)
     e.set_defaults(func=_cmd_eval)
+    k = sub.add_parser("cache", help="the persistent text-embedding cache: info or clear",
+                       description="Text embeddings are kept under $OVSEG_HOME/text (default ~/.cache/ovseg).")
+    k.add_argument("action", nargs="?", default="info", choices=["info", "clear"])
+    k.set_defaults(func=_cmd_cache)
     c = sub.add_parser("convert-coco-object", help="make COCO-Object labels from COCO-Stuff-164k")
     c.add_argument("root", help="the coco_stuff164k folder (annotations/<split>/*.png)")
     c.add_argument("--splits", nargs="+", default=["val2017"])
