@@ -134,7 +134,8 @@ def _tensors_sha256(tensors: Dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
