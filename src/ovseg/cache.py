@@ -178,7 +178,9 @@ def clip_text_identity(clip: Any, *, home: Optional[Path] = None) -> Optional[Di
     """
     import open_clip
 
-    model = clip.model
+    model = getattr(clip, "model", None)
+    if not isinstance(model, torch.nn.Module):  # a registered CLIP that is not an open_clip model
+        return None
     ident = getattr(clip, "identity", None)
     if isinstance(ident, dict):
         arch, source = ident.get("arch"), ident.get("source")

@@ -29,6 +29,9 @@ class _Counting:
         self.model, self.tokenizer, self.arch, self.weights = clip.model, clip.tokenizer, clip.arch, clip.weights
         self.tokenize = clip.tokenize
 
+    def parameters(self):
+        return self.clip.parameters()
+
     def encode_text(self, tokens):
         self.prompts += len(tokens)
         return self.clip.encode_text(tokens)
@@ -67,29 +70,40 @@ def test_other_weights_or_activation_never_reuse_entries(_ovseg_home):
     TextClassifier(other)(["cat"], TEMPLATES)
     assert other.prompts == 2  # other random weights: another key
     k0, k1 = clip_text_identity(_clip(seed=0)), clip_text_identity(_clip(seed=1))
-    assert k0["tensors_sha256"] != k1["tensors_sha256"] and k0["structure"] == k1["structure"]
-    import open_clip
+    assert k0 == clip_text_identity(_clip(seed=0))
+    assert (k0["seed"], k1["seed"]) == (0, 1) and k0["structure"] == k1["structure"]  # the adapter's identity
+    # an adapter without an identity: random weights are keyed by their tensors
+    f0, f1 = clip_text_identity(_Counting(_clip(seed=0))), clip_text_identity(_Counting(_clip(seed=1)))
+    assert f0["tensors_sha256"] != f1["tensors_sha256"] and "seed" not in f0
+    assert f0 == clip_text_identity(_Counting(_clip(seed=0)))
+    gelu = create_clip("ViT-B-16", "random", seed=0, model_kwargs=TINY_CLIP)
+    quick = create_clip("ViT-B-16-quickgelu", "random", seed=0, model_kwargs=TINY_CLIP)
+    kg, kq = clip_text_identity(gelu), clip_text_identity(quick)
+    assert kq["structure"] != kg["structure"] and kq["activation"] != kg["activation"]
 
-    quick = create_clip("ViT-B-16", "random", seed=0, model_kwargs=dict(TINY_CLIP, quick_gelu=True))
-    assert isinstance(quick.model.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
-    kq = clip_text_identity(quick)
-    assert kq["structure"] != k0["structure"] and kq["activation"] == "QuickGELU"
+
+class _Adapter:
+    """A stand-in adapter with a given identity (as CLIPAdapter.identity reports it)."""
+
+    def __init__(self, clip, identity):
+        self.model, self.tokenizer, self.identity = clip.model, clip.tokenizer, identity
 
 
 def test_identity_from_adapter_attribute_file_and_tag(tmp_path):
     clip = _clip()
-    clip.identity = {"arch": "ViT-B-16", "source": "random", "tag": None, "path": None, "activation": "GELU",
-                     "seed": 3, "model_kwargs": {"embed_dim": 32}}
-    key = clip_text_identity(clip)
+    base = {"arch": "ViT-B-16", "source": "random", "tag": None, "path": None, "activation": "gelu",
+            "seed": 3, "model_kwargs": {"embed_dim": 32}}
+    key = clip_text_identity(_Adapter(clip, base))
     assert key["seed"] == 3 and key["model_kwargs"] == {"embed_dim": 32} and "tensors_sha256" not in key
-    clip.identity = dict(clip.identity, source="tag", tag="openai", seed=None)
-    assert clip_text_identity(clip)["tag"] == "openai"
+    assert clip_text_identity(_Adapter(clip, dict(base, source="tag", tag="openai", seed=None)))["tag"] == "openai"
+    assert clip_text_identity(_Adapter(clip, dict(base, source="custom"))) is None  # cannot be pinned down
     ckpt = tmp_path / "w.pt"
-    torch.save(_clip().model.state_dict(), ckpt)
-    from_file = create_clip("ViT-B-16", str(ckpt), model_kwargs=TINY_CLIP)
+    ckpt.write_bytes(b"weights")
     import hashlib
 
-    assert clip_text_identity(from_file)["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    by_file = clip_text_identity(_Adapter(clip, dict(base, source="file", path=str(ckpt), seed=None)),
+                                 home=tmp_path / "home")
+    assert by_file["sha256"] == hashlib.sha256(b"weights").hexdigest()
 
 
 def test_file_hash_is_remembered_until_the_file_changes(tmp_path):

@@ -217,7 +217,7 @@ def test_proxyclip_end_to_end_with_each_family(name, rgb_image):
     grids = []
     orig = seg.clip.forward_last_block
     seg.clip.forward_last_block = lambda *a, **k: (lambda r: grids.append(r[1]) or r)(orig(*a, **k))
-    res = seg.predict(rgb_image, ["cat", "sofa; couch", "floor"])
+    res = seg.predict(rgb_image, ["cat", "sofa; couch", "floor"], return_probs=True)
     assert res.label_map.shape == rgb_image.shape[:2] and np.isfinite(res.probs).all()
     assert set(grids) == {documented_grid(name, 336, 336)}  # the output lives on the VFM grid
 

@@ -54,10 +54,9 @@ def convert_sam(sd: Dict[str, torch.Tensor], model=None) -> Dict[str, torch.Tens
 
 def build_sam(*, timm_name: str, release_file: str, weights: Any = None, seed: int = 0,
               model_kwargs: Optional[Dict[str, Any]] = None, vfm_name: str = "sam") -> SAMFeatures:
-    kwargs = dict(num_classes=0)
-    kwargs.update(model_kwargs or {})
     vit = create_timm_model(timm_name=timm_name, release_file=release_file, release_url=_URL.format(file=release_file),
-                            weights=weights, seed=seed, kwargs=kwargs, vfm_name=vfm_name, convert=convert_sam)
+                            weights=weights, seed=seed, kwargs=dict(num_classes=0), model_kwargs=model_kwargs,
+                            vfm_name=vfm_name, convert=convert_sam)
     return SAMFeatures(vit, name=vfm_name)
 
 
