@@ -19,8 +19,8 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
@@ -83,9 +83,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` and publish it with ``os.replace`` (atomic on POSIX and
     Windows): readers see the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=str(path.parent))
+    tmp = path.parent / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # a new, unique file; permissions follow the umask (shared caches stay readable)
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
