@@ -492,7 +492,7 @@ def merge_first_class_synonyms(probs: torch.Tensor, num_classes: int, *, dim: in
     return torch.cat([head, probs.narrow(dim, q - num_classes + 1, num_classes - 1)], dim=dim)
 
 
-def region_vote(pred: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+def region_vote(pred: torch.Tensor, regions: torch.Tensor, *, band_pixels: Optional[int] = None) -> torch.Tensor:
     """Per-region majority vote: every pixel of a region takes the region's most frequent label.
 
     The smallest id of the map (``U``, "unsegmented") keeps its pixels' labels. Ties go to the smallest label
@@ -502,6 +502,8 @@ def region_vote(pred: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     Args:
         pred: (H, W) or (B, H, W) int64 labels >= 0.
         regions: region ids of the same shape.
+        band_pixels: process (H, W) maps in bands of rows of about this many pixels (two passes: count, then
+            assign), so temporaries stay O(band) on large images; None = one pass over the whole map.
 
     Returns:
         Labels of the same shape.
@@ -510,14 +512,27 @@ def region_vote(pred: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     if pred.shape != regions.shape:
         raise InvalidInputError(f"pred {tuple(pred.shape)} and regions {tuple(regions.shape)} must have one shape")
     if pred.dim() == 3:
-        return torch.stack([region_vote(p, r) for p, r in zip(pred, regions)])
+        return torch.stack([region_vote(p, r, band_pixels=band_pixels) for p, r in zip(pred, regions)])
     if pred.numel() == 0:
         return pred
     if int(pred.min()) < 0:
         raise InvalidInputError(f"labels must be >= 0, got {int(pred.min())}")
-    ids, inv = torch.unique(regions.flatten(), return_inverse=True)  # inv == 0: U
     c = int(pred.max()) + 1
-    counts = torch.bincount(inv * c + pred.flatten().long(), minlength=ids.numel() * c).view(ids.numel(), c)
-    winner = counts.argmax(dim=1).to(pred.dtype)  # (R,), first maximum = smallest label
-    out = torch.where(inv == 0, pred.flatten(), winner[inv])
-    return out.view_as(pred)
+    h, w = pred.shape
+    rows = h if band_pixels is None else max(1, int(band_pixels) // max(w, 1))
+    bands = [(r, min(r + rows, h)) for r in range(0, h, rows)]
+    if len(bands) == 1:
+        ids, inv = torch.unique(regions.flatten(), return_inverse=True)  # inv == 0: U
+    else:
+        ids = torch.unique(torch.cat([torch.unique(regions[r0:r1]) for r0, r1 in bands]))  # ascending
+    counts = torch.zeros(ids.numel() * c, dtype=torch.int64, device=pred.device)
+    for r0, r1 in bands:
+        idx = inv if len(bands) == 1 else torch.searchsorted(ids, regions[r0:r1].flatten())
+        counts += torch.bincount(idx * c + pred[r0:r1].flatten().long(), minlength=ids.numel() * c)
+    winner = counts.view(ids.numel(), c).argmax(dim=1).to(pred.dtype)  # (R,), first maximum = smallest label
+    out = torch.empty_like(pred)
+    for r0, r1 in bands:
+        idx = inv if len(bands) == 1 else torch.searchsorted(ids, regions[r0:r1].flatten())
+        band = pred[r0:r1].flatten()
+        out[r0:r1] = torch.where(idx == 0, band, winner[idx]).view(r1 - r0, w)
+    return out
