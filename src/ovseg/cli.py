@@ -78,7 +78,7 @@ def _unique_stems(paths: Sequence[Path]) -> List[str]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--method", default="proxyclip",
-                   help="proxyclip (default), naclip, sclip, clearclip, maskclip, clip")
+                   help="proxyclip (default), naclip, sclip, clearclip, maskclip, clip, corrclip, corrclip_l14")
     g.add_argument("--clip", default=None, help="open_clip architecture (default ViT-B-16)")
     g.add_argument("--clip-weights", default=None,
                    help="open_clip pretrained tag (default openai), a local checkpoint file or folder, or 'random'")
@@ -87,6 +87,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "the activation (QuickGELU or GELU)")
     g.add_argument("--vfm", default=None, help="VFM for proxyclip (default dino_b8); see 'ovseg list'")
     g.add_argument("--vfm-weights", default=None, help="local checkpoint in the official release format, or 'random'")
+    g.add_argument("--mask-generator", default=None,
+                   help="corrclip: region masks generator (default sam2_hiera_l; 'none' = only --masks)")
+    g.add_argument("--mask-weights", default=None,
+                   help="corrclip: mask generator checkpoint in Meta's release format, or 'random'")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
     o = p.add_argument_group("inference options (default: the method's preset)")
@@ -101,13 +105,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "file with one template containing {} per line")
 
 
+def _mask_options(args: argparse.Namespace) -> dict:
+    """--mask-generator / --mask-weights; with --masks DIR every image's masks come from DIR, so a mask-guided
+    method builds no generator unless one is named."""
+    opts = {k: getattr(args, k, None) for k in ("mask_generator", "mask_weights")}
+    if getattr(args, "masks", None) and opts["mask_generator"] is None:
+        from .methods import get_method
+
+        if "mask_generator" in get_method(args.method).option_names():
+            opts["mask_generator"] = "none"
+    return opts
+
+
 def _segmenter(args: argparse.Namespace):
     from .segmenter import Segmenter
 
     return Segmenter(args.method, clip=args.clip, clip_weights=args.clip_weights, clip_tag=args.clip_tag, vfm=args.vfm,
                      vfm_weights=args.vfm_weights, device=args.device, precision=args.precision,
                      window=args.window, stride=args.stride, short_side=args.short_side,
-                     batch_size=args.batch_size, pamr_steps=args.pamr_steps, templates=_templates(args.templates))
+                     batch_size=args.batch_size, pamr_steps=args.pamr_steps, templates=_templates(args.templates),
+                     **_mask_options(args))
+
+
+def _masks_folder(value: Optional[str]) -> Optional[Path]:
+    if value is None:
+        return None
+    p = Path(os.path.expanduser(value))
+    if not p.is_dir():
+        raise PathNotFoundError(f"--masks: folder not found: '{value}'")
+    return p
 
 
 def _templates(value: Optional[str]):
@@ -127,6 +153,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     images = find_images(args.images, recursive=args.recursive)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    masks_dir = _masks_folder(args.masks)
+    if masks_dir is not None:
+        from .masks import find_mask_file
+
+        mask_files = [find_mask_file(masks_dir, p.stem) for p in images]  # every file exists before any model loads
     seg = _segmenter(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,8 +168,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from tqdm.auto import tqdm
 
         iterator = tqdm(list(iterator), desc="images", unit="img", file=sys.stderr)
-    for path, stem in iterator:
-        res = seg.predict(str(path), labelset, threshold=args.threshold, return_probs=args.save_probs)
+    for i, (path, stem) in enumerate(iterator):
+        masks = None
+        if masks_dir is not None:
+            from .masks import load_region_map
+
+            masks = load_region_map(mask_files[i])
+        res = seg.predict(str(path), labelset, threshold=args.threshold, return_probs=args.save_probs, masks=masks)
         paths = res.save(out, stem, save_probs=args.save_probs, alpha=args.alpha)
         records.append({
             "file": str(path), "height": res.size[0], "width": res.size[1],
@@ -168,6 +204,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     section("methods", METHODS.describe().items())
     section("vfms (for proxyclip)", describe_vfms().items())
+    from .masks import describe_mask_generators
+
+    section("mask generators (for corrclip)", describe_mask_generators().items())
     section("attentions", describe_attentions().items())
     import open_clip
 
@@ -198,7 +237,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print("packages:")
     for pkg, extra in (("open_clip_torch", ""), ("timm", ""), ("torchvision", ""), ("huggingface_hub", ""),
                        ("safetensors", ""), ("numpy", ""), ("pillow", ""), ("diffusers", "sd"),
-                       ("transformers", "sd")):
+                       ("transformers", "sd"), ("sam2", "sam2"), ("segment-anything", "sam")):
         try:
             ver = md.version(pkg)
         except md.PackageNotFoundError:
@@ -262,7 +301,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     overrides = {"window": args.window, "stride": args.stride, "short_side": args.short_side,
                  "threshold": args.threshold}
     common = dict(out_dir=args.out, resume=args.resume, limit=args.limit, strict_ignore=args.strict_ignore,
-                  overrides=overrides, progress=not args.quiet, rank=rank, world=world)
+                  overrides=overrides, progress=not args.quiet, rank=rank, world=world,
+                  masks=str(_masks_folder(args.masks)) if args.masks else None)
     try:
         if args.suite:
             suite = run_suite(seg, roots, **common)
@@ -321,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-probs", action="store_true", help="also write <stem>_probs.npy (C, H, W) float32")
     p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay (default 0.5)")
     p.add_argument("--recursive", action="store_true", help="search folders recursively")
+    p.add_argument("--masks", default=None,
+                   help="corrclip: folder of region masks, <image stem>.npz (array 'instance_mask'), .npy or .png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
     p.set_defaults(func=_cmd_predict)
@@ -341,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests)")
     e.add_argument("--strict-ignore", action="store_true",
                    help="also ignore labels outside [0, C) (the references count them; see docs/evaluation.md)")
+    e.add_argument("--masks", default=None,
+                   help="corrclip: folder of region masks per image (<stem>.npz ...), per dataset in <dataset>/ or "
+                        "CorrCLIP's region_masks layout (voc, context, city, ade, coco)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(e)
     e.set_defaults(func=_cmd_eval)
