@@ -135,8 +135,8 @@ def _seeded_state_dict(template, seed):
     return out
 
 
-def _oracle_case1():
-    """The official run's synthetic 'case1' (200x400, resized to 250x500, full-coverage regions)."""
+def _oracle_case1_image():
+    """The official run's synthetic 'case1' at its original size: uint8 (200, 400, 3) and int64 regions."""
     rng = np.random.RandomState(101)
     h0, w0 = 200, 400
     yy, xx = np.mgrid[0:h0, 0:w0]
@@ -150,6 +150,12 @@ def _oracle_case1():
         img[m] = rng.randint(0, 255, 3)
         regions[m] = 5 + k
     img = np.clip(img + rng.randn(h0, w0, 3) * 6, 0, 255).astype(np.uint8)
+    return img, regions
+
+
+def _oracle_case1():
+    """The official run's 'case1' resized to 250x500 as the official run did: CLIP-normalised x and regions."""
+    img, regions = _oracle_case1_image()
     t = torch.from_numpy(img).permute(2, 0, 1).float()[None]
     t = F.interpolate(t, size=(250, 500), mode="bilinear", align_corners=False).round().clamp(0, 255)[0]
     x = ((t - MMSEG_MEAN) / MMSEG_STD)[None]

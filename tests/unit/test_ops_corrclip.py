@@ -303,3 +303,16 @@ def test_region_vote_equals_torch_mode_and_batches():
     assert torch.equal(cc.region_vote(p, r), torch.stack([cc.region_vote(p[i], r[i]) for i in range(3)]))
     with pytest.raises(InvalidInputError, match="one shape"):
         cc.region_vote(p, r[:2])
+
+
+def test_region_vote_in_bands_equals_one_pass():
+    """The banded vote (two passes over rows, O(band) temporaries) is the whole-map vote, whatever the band
+    height, including regions that span bands and a smallest id present in only some bands."""
+    g = _gen(11)
+    for rows_px in (9, 18, 40, 1000):  # 1, 2, 4 rows of a width-9 map, and a single band
+        for _ in range(10):
+            regions = torch.randint(3, 9, (13, 9), generator=g).int()
+            regions[0, 0] = 2  # the smallest id (U) appears in the first band only
+            pred = torch.randint(0, 5, (13, 9), generator=g)
+            want = _vote_by_definition(pred, regions.long())
+            assert torch.equal(cc.region_vote(pred, regions, band_pixels=rows_px), want)

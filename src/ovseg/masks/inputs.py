@@ -96,7 +96,8 @@ def as_region_map(masks: Any, size: Optional[Tuple[int, int]] = None) -> torch.T
       :func:`paint_by_area`;
     - the output of SAM's / SAM 2's automatic mask generator (a list of dicts with ``"segmentation"`` and
       ``"area"``), painted the same way;
-    - an empty list (no masks: every pixel unsegmented; needs ``size``).
+    - an empty list (no masks: every pixel unsegmented; needs ``size``);
+    - a path to a mask file (:func:`load_region_map`).
 
     Args:
         masks: see above.
@@ -108,6 +109,8 @@ def as_region_map(masks: Any, size: Optional[Tuple[int, int]] = None) -> torch.T
     """
     if masks is None:
         raise InvalidTypeError("masks is None; give a label image (H, W) or a list of boolean masks")
+    if isinstance(masks, (str, os.PathLike)):
+        return _checked(load_region_map(masks), size)
     if _is_mask_list(masks):
         if len(masks) == 0:
             if size is None:
@@ -128,7 +131,7 @@ def as_region_map(masks: Any, size: Optional[Tuple[int, int]] = None) -> torch.T
         arr = _as_numpy(masks)
     else:
         arr = _as_numpy(masks)
-    if arr.dtype == object:
+    if arr.dtype == object or not (arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.number)):
         raise InvalidTypeError(f"masks must be a label image or boolean masks, got {type(masks).__name__}")
     if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and size is not None and tuple(arr.shape[:2]) == tuple(size):
         raise InvalidInputError(f"masks of shape {arr.shape} look like an (H, W, C) image; give an (H, W) label "
@@ -163,27 +166,29 @@ def load_region_map(path: Union[str, os.PathLike]) -> torch.Tensor:
     if not p.is_file():
         raise PathNotFoundError(f"mask file not found: '{path}'")
     suffix = p.suffix.lower()
-    if suffix == ".npz":
-        with np.load(p, allow_pickle=False) as data:
-            keys = list(data.keys())
-            if "instance_mask" in keys:
-                arr = data["instance_mask"]
-            elif len(keys) == 1:
-                arr = data[keys[0]]
-            else:
-                raise InvalidInputError(f"'{path}' holds arrays {keys}; expected 'instance_mask' or a single array")
-    elif suffix == ".npy":
-        arr = np.load(p, allow_pickle=False)
-    else:
-        from PIL import Image
-
-        with Image.open(p) as img:
-            img.load()
-            arr = _as_numpy(img)
     try:
+        if suffix == ".npz":
+            with np.load(p, allow_pickle=False) as data:
+                keys = list(data.keys())
+                if "instance_mask" in keys:
+                    arr = data["instance_mask"]
+                elif len(keys) == 1:
+                    arr = data[keys[0]]
+                else:
+                    raise InvalidInputError(f"it holds arrays {keys}; expected 'instance_mask' or a single array")
+        elif suffix == ".npy":
+            arr = np.load(p, allow_pickle=False)
+        else:
+            from PIL import Image
+
+            with Image.open(p) as img:
+                img.load()
+                arr = _as_numpy(img)
         return as_region_map(arr)
     except (InvalidInputError, InvalidTypeError) as e:
-        raise InvalidInputError(f"'{path}': {e}") from None
+        raise InvalidInputError(f"mask file '{path}': {e}") from None
+    except (OSError, ValueError) as e:  # unreadable, truncated or pickled content
+        raise InvalidInputError(f"mask file '{path}' could not be read ({type(e).__name__}: {e})") from None
 
 
 def find_mask_file(folder: Union[str, os.PathLike], stem: str, suffixes: Iterable[str] = MASK_FILE_SUFFIXES
