@@ -141,11 +141,12 @@ def as_region_map(masks: Any, size: Optional[Tuple[int, int]] = None) -> torch.T
     if arr.ndim != 2:
         raise InvalidInputError(f"masks must be an (H, W) label image or (K, H, W) boolean masks, got shape "
                                 f"{arr.shape}")
-    if arr.dtype == np.bool_:
-        return _checked(torch.from_numpy(arr.astype(np.int64)), size)
-    if not np.issubdtype(arr.dtype, np.integer):
+    if arr.dtype != np.bool_ and not np.issubdtype(arr.dtype, np.integer):
         raise InvalidInputError(f"a label image must hold integer region ids, got dtype {arr.dtype}")
-    return _checked(torch.from_numpy(arr.astype(np.int64)), size)
+    out = np.ascontiguousarray(arr, dtype=np.int64)  # no copy for a contiguous int64 array
+    if not out.flags.writeable:
+        out = out.copy()
+    return _checked(torch.from_numpy(out), size)
 
 
 def _checked(regions: torch.Tensor, size: Optional[Tuple[int, int]]) -> torch.Tensor:
