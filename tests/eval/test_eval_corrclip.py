@@ -1,6 +1,7 @@
 """CorrCLIP's evaluation harness: its class files and settings, the published row chosen by how masks were made,
 and ``ovseg predict`` / ``ovseg eval`` with ``--masks`` (random weights of the real architectures)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,5 +101,8 @@ def test_eval_with_masks_reports_the_given_masks_row(tmp_path, capsys):
     r = json.loads((out / "voc21_corrclip.json").read_text())
     assert r["num_images"] == 2 and r["masks"] == str(masks / "voc")
     assert r["published"]["mIoU"] == 74.8 and "SAM2_32" in r["published"]["source"]
-    assert r["settings"]["threshold"] == 0.2 and r["settings"]["mask_generator"] == "none"
+    options = r["settings"]["options"]  # the method config; its strategy options under "options"
+    assert options["threshold"] == 0.2 and options["options"]["mask_generator"] == "none"
+    keyed = json.loads((Path(r["predictions"]) / "settings.json").read_text())
+    assert keyed["masks"] == str(masks / "voc")  # the masks are part of the key: --resume never mixes other masks
     assert "voc21 corrclip: mIoU" in capsys.readouterr().out
