@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import TINY_CLIP, TINY_DINO
+from .conftest import TINY_CLIP, TINY_CLIP_CORRCLIP, TINY_DINO
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("*.py"))]
@@ -94,9 +94,10 @@ def _tiny_segmenter_factory(real):
     """The Segmenter, built with seeded random weights of small configs of the same architectures."""
     def build(method: str = "proxyclip", **kw):
         kw["clip_weights"] = "random"
-        kw["clip_kwargs"] = TINY_CLIP
+        corrclip = method.startswith("corrclip")  # its spatial branch needs 6 blocks; DINO is its VFM
+        kw["clip_kwargs"] = TINY_CLIP_CORRCLIP if corrclip else TINY_CLIP
         vfm = kw.get("vfm")
-        if vfm is not None or method == "proxyclip":
+        if vfm is not None or method == "proxyclip" or corrclip:
             kw["vfm_weights"] = "random"
             if (vfm or "dino_b8").startswith("dino_"):
                 kw["vfm_kwargs"] = {"model_kwargs": TINY_DINO}
@@ -152,6 +153,14 @@ def make_inputs(argv: List[str], where: str) -> None:
             else:  # a folder
                 _image(local(tok) / "one.jpg", 1)
                 _image(local(tok) / "two.png", 2)
+        if "--masks" in argv:  # a region map <stem>.npz (CorrCLIP's layout) for every image made above
+            folder = local(argv[argv.index("--masks") + 1])
+            folder.mkdir(parents=True, exist_ok=True)
+            for img in Path(".").rglob("*"):
+                if img.suffix.lower() in IMAGE_SUFFIXES and folder not in img.parents:
+                    regions = np.zeros((48, 64), np.int64)
+                    regions[24:, 32:] = 1
+                    np.savez(folder / f"{img.stem}.npz", instance_mask=regions)
 
 
 _FLAGS = {"--save-probs", "--recursive", "--quiet", "--random", "--resume", "--strict-ignore"}
