@@ -9,6 +9,7 @@ from .base import (
     list_strategies,
     register_strategy,
 )
+from .corrclip import CorrCLIP  # CorrCLIP (ICCV 2025)
 from .last_block import LastBlock
 from .resclip import ResCLIP  # noqa: F401  (registers "resclip")
 from .scclip import SCCLIP  # noqa: F401  (registers "scclip")
@@ -16,4 +17,5 @@ from .scclip import SCCLIP  # noqa: F401  (registers "scclip")
 __all__ = [
     "DenseStrategy", "ImageContext", "WindowContext", "STRATEGIES", "register_strategy", "get_strategy",
     "list_strategies", "cosine_logits", "LastBlock",
+    "CorrCLIP",
 ]

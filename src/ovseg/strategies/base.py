@@ -91,6 +91,7 @@ class DenseStrategy(nn.Module):
     doc: ClassVar[str] = ""
     params: ClassVar[Tuple[Param, ...]] = ()
     needs_text: ClassVar[bool] = False  # forward needs ``context.text`` (e.g. a second pass guided by labels)
+    uses_masks: ClassVar[bool] = False  # reads region masks (``predict(..., masks=...)``, ``ImageContext.masks``)
 
     def __init__(self, **options: Any):
         super().__init__()
@@ -123,6 +124,11 @@ class DenseStrategy(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+    def window_elements(self, model: "DenseModel", height: int, width: int) -> int:
+        """Activation elements one (height x width) window needs beyond the backbones' widest tensors (kept
+        intermediates, extra token streams), for ``Segmenter(memory_budget=...)``. Default: 0."""
+        return 0
 
     # ------------------------------------------------------------------ hooks
     def prepare(self, model: "DenseModel", image: ImageContext, text: Optional[torch.Tensor]) -> None:
