@@ -157,6 +157,14 @@ def test_blocks_follow_the_clip_depth():
     assert rcs_blocks(3) == (1,) and rcs_blocks(12, (2, 3)) == (1, 2)
 
 
+def test_window_elements_count_the_kept_intermediates():
+    for method in ("scclip", "resclip"):
+        model = make_segmenter(method).model
+        small, large = (model.strategy.window_elements(model, s, s) for s in (112, 224))
+        assert 0 < small < large  # grows with the window (quadratically in the tokens)
+        assert large > 4 * model.clip.num_heads * (14 * 14) ** 2 // 4
+
+
 # ------------------------------------------------------------------ evaluation settings
 def test_eval_presets_and_published_rows():
     assert get_eval_preset("scclip", "voc21").area_threshold == 0.1

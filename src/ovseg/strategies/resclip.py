@@ -98,6 +98,14 @@ class ResCLIP(DenseStrategy):
                                     f"Segmenter('{plain}') instead, or keep one of the terms")
         return out
 
+    def window_elements(self, model, height: int, width: int) -> int:
+        """Kept RCS maps (nh, T, T), the two passes' weights, the SFR matrices and the path-check chunks."""
+        clip = model.clip
+        gh, gw = clip.grid_size(height, width)
+        t = gh * gw + 1
+        maps = len(rcs_blocks(clip.num_blocks, self.options["rcs_layers"])) if self.options["rcs"] else 0
+        return (maps + 2) * clip.num_heads * t * t + 6 * t * t + 64 * t * (max(gh, gw) + 1)
+
     def forward(self, model, crops: torch.Tensor, context: WindowContext) -> torch.Tensor:
         clip = model.clip
         o = self.options

@@ -94,6 +94,16 @@ class SCCLIP(DenseStrategy):
         """The resolved layer settings for a CLIP of ``depth`` blocks (see :func:`scclip_blocks`)."""
         return scclip_blocks(depth, self.options)
 
+    def window_elements(self, model, height: int, width: int) -> int:
+        """Kept block outputs (B, T, D) and the (N, N) matrices: distances, similarities, weights, per-head guide."""
+        clip = model.clip
+        gh, gw = clip.grid_size(height, width)
+        n = gh * gw
+        b = self.blocks(clip.num_blocks)
+        kept = len(ops.scclip_layers(clip.num_blocks, pre_layer=b["pre_layer"], post_layer=b["post_layer"],
+                                     fusion_layers=b["fusion_layers"]))
+        return kept * (n + 1) * clip.width + (6 + 2 * clip.num_heads) * n * n
+
     def forward(self, model, crops: torch.Tensor, context: Optional[WindowContext] = None) -> torch.Tensor:
         clip = model.clip
         depth = clip.num_blocks
