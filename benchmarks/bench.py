@@ -149,7 +149,10 @@ def build(method: str, vfm: Optional[str], precision: str, device: str, masks: s
     from ovseg.methods import get_method
 
     kw = dict(clip_weights="random", templates="single", precision=precision, device=device, **opts)
-    roles = get_method(method).replace(vfm=vfm).vfm_names()
+    cfg = get_method(method)
+    if "vfm" not in cfg.strategy_cls.vfm_roles(cfg.strategy_options):
+        vfm = None  # --vfm (default dino_b8) only applies to methods with a 'vfm' role
+    roles = cfg.replace(vfm=vfm).vfm_names()
     if roles:  # every VFM the method uses, with random weights
         kw.update(vfm=vfm, vfm_weights={role: "random" for role in roles})
     if "mask_generator" in get_method(method).option_names():  # given masks, or the preset's generator (random)

@@ -280,7 +280,6 @@ for _cfg in (
     register_method(_cfg)
 
 
-
 # CorrCLIP (Zhang et al., ICCV 2025): the official v1 code's defaults (docs/methods.md, "CorrCLIP"); the strategy
 # declares tau, eps, alpha, beta and the mask generator (SAM 2.0 Hiera-L, 8x8 points)
 for _cfg in (
@@ -291,5 +290,19 @@ for _cfg in (
     MethodCfg("corrclip_l14", "corrclip", vfm="dino_b8", clip="ViT-L-14-quickgelu", clip_weights="metaclip_fullcc",
               window=(336, 336), stride=(112, 112), pad_multiple=56,
               description="CorrCLIP with MetaCLIP ViT-L/14 (the paper's large setting)"),
+):
+    register_method(_cfg)
+
+
+# SC-CLIP and ResCLIP (issue 12): CLIP-only 2025 methods with their own dense strategies (docs/methods.md).
+for _cfg in (
+    MethodCfg("scclip", "scclip", description="SC-CLIP (Bai et al., TIP 2025): anomaly repair, similarity-guided "
+              "last block and multi-level fusion (OpenAI ViT-B/16, 224/112 windows)"),
+    MethodCfg("resclip", "resclip", description="ResCLIP (Yang et al., CVPR 2025) on NACLIP: residual "
+              "cross-correlation attention + semantic feedback refinement"),
+    MethodCfg("resclip_sclip", "resclip", {"base": "sclip"},
+              description="ResCLIP (CVPR 2025) on SCLIP's last block (residual and FFN kept)"),
+    MethodCfg("resclip_clearclip", "resclip", {"base": "clearclip"},
+              description="ResCLIP (CVPR 2025) on ClearCLIP's last block"),
 ):
     register_method(_cfg)

@@ -93,6 +93,40 @@ CORRCLIP: Dict[str, EvalPreset] = {
 }
 HARNESS.update(corrclip=CORRCLIP, corrclip_l14=CORRCLIP)
 
+# SC-CLIP (SuleBai/SC-CLIP configs): SCLIP's harness (NACLIP's class files, byte-identical), 224/112 windows,
+# VOC21 with logit scale 50, prob_thd 0.15 and the area filter, COCO-Object 55 / 0.35, Context60 0.15.
+SCCLIP: Dict[str, EvalPreset] = {
+    "voc21": _p("naclip/voc21.txt", _NAC, 336, 224, 112, 0.15, 50.0, area_threshold=0.1),
+    "context60": _p("shared_context60.txt", _NAC, 336, 224, 112, 0.15),
+    "coco_object": _p("naclip/coco_object.txt", _NAC, 336, 224, 112, 0.35, 55.0),
+    "voc20": _p("naclip/voc20.txt", _NAC, 336, 224, 112),
+    "context59": _p("shared_context59.txt", _NAC, 336, 224, 112),
+    "coco_stuff": _p("shared_coco_stuff.txt", _NAC, 336, 224, 112),
+    "cityscapes": _p("shared_city_scapes.txt", _NAC, 560, 224, 112),
+    "ade20k": _p("shared_ade20k.txt", _NAC, 336, 224, 112),
+}
+
+
+def _res(cls, short, window, thd, temp, rcs, sfr, note=""):
+    stride = 112 if window else None
+    return _p(cls, _NAC, short, window, stride, thd, 40.0, note,
+              options={"temp_thd": temp, "rcs_mix": rcs, "sfr_mix": sfr})
+
+
+# ResCLIP (yvhangyang/ResCLIP configs): NACLIP's harness (whole-image VOC21/VOC20) with per-dataset first-pass
+# threshold and RCS/SFR (tau, lambda); one set for every base method.
+RESCLIP: Dict[str, EvalPreset] = {
+    "voc21": _res("naclip/voc21.txt", 336, None, 0.1, 0.50, (2.0, 0.3), (2.2, 0.7), "whole-image inference"),
+    "context60": _res("shared_context60.txt", 336, 224, 0.1, 0.30, (2.0, 0.3), (1.8, 0.7)),
+    "coco_object": _res("naclip/coco_object.txt", 336, 224, 0.1, 0.11, (2.0, 0.4), (1.8, 0.7)),
+    "voc20": _res("naclip/voc20.txt", 336, None, 0.0, 0.10, (2.0, 0.6), (2.1, 0.6), "whole-image inference"),
+    "context59": _res("shared_context59.txt", 336, 224, 0.0, 0.25, (2.0, 0.4), (1.8, 0.7)),
+    "coco_stuff": _res("shared_coco_stuff.txt", 336, 224, 0.0, 0.11, (2.0, 0.4), (1.8, 0.7)),
+    "cityscapes": _res("shared_city_scapes.txt", 560, 224, 0.0, 0.10, (2.0, 0.2), (2.1, 0.6)),
+    "ade20k": _res("shared_ade20k.txt", 336, 224, 0.0, 0.25, (2.0, 0.3), (2.1, 0.7)),
+}
+HARNESS.update(scclip=SCCLIP, resclip=RESCLIP, resclip_sclip=RESCLIP, resclip_clearclip=RESCLIP)
+
 
 def get_eval_preset(method: str, dataset: str) -> EvalPreset:
     table = HARNESS.get(method, BASELINE)

@@ -11,6 +11,8 @@ from .base import (
 )
 from .corrclip import CorrCLIP  # CorrCLIP (ICCV 2025)
 from .last_block import LastBlock
+from .resclip import ResCLIP  # noqa: F401  (registers "resclip")
+from .scclip import SCCLIP  # noqa: F401  (registers "scclip")
 
 __all__ = [
     "DenseStrategy", "ImageContext", "WindowContext", "STRATEGIES", "register_strategy", "get_strategy",
