@@ -627,3 +627,21 @@ def test_sam_masks_to_image_shapes_and_constant_logits():
     same = T.sam_masks_to_image(ramp, input_size=(64, 64), original_size=(16, 16), image_size=(16, 16), long_side=64)
     # up then down by the same factor: a linear ramp comes back, except at the clamped borders
     close(same[..., 1:-1], ramp[..., 1:-1], atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(InvalidInputError, match="uint8"):
+        T.sam_preprocess(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(InvalidInputError, match="batch mismatch"):
+        T.window_values(torch.zeros(2, 1, 10, 4), grid=(3, 3), vfm_feats=torch.zeros(3, 5, 3, 3), windows_per_image=1)
+    with pytest.raises(InvalidInputError, match="do not match"):
+        T.aggregate(torch.zeros(1, 6, 6), torch.zeros(1, 4, 3, 3), (2, 2))
+    with pytest.raises(InvalidInputError, match="two halves"):
+        T.aggregate_halves([torch.zeros(1, 4, 4)], torch.zeros(1, 4, 3, 4), [(2, 2)])
+    with pytest.raises(InvalidInputError, match="mask prompt"):
+        T.mask_downscale(torch.zeros(256, 256), _mask_params())
+    with pytest.raises(InvalidInputError, match="expected v"):
+        T.sam_correlation(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4))
+    with pytest.raises(InvalidInputError, match="tokens"):
+        T.sam_attention(torch.zeros(1, 2, 11, 4), torch.zeros(1, 2, 11, 4), rel_pos_h=torch.zeros(5, 4),
+                        rel_pos_w=torch.zeros(7, 4), size=(3, 4))
