@@ -645,3 +645,18 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(InvalidInputError, match="tokens"):
         T.sam_attention(torch.zeros(1, 2, 11, 4), torch.zeros(1, 2, 11, 4), rel_pos_h=torch.zeros(5, 4),
                         rel_pos_w=torch.zeros(7, 4), size=(3, 4))
+
+
+def test_image_mean_from_window_sums_in_two_batches():
+    """Windows of one image run in two batches: the summed per-window S totals give the same mean and weights."""
+    feats = u(18, 4, 6, 3, 3)  # one image, 4 windows
+    full = T.image_proxy_weights(feats, windows_per_image=4)
+    x = F.normalize(feats.flatten(2), dim=1)
+    close(T.window_similarity_sums(feats), (x.transpose(1, 2) @ x).sum(dim=(1, 2)), atol=1e-5)
+    total = T.window_similarity_sums(feats[:2]).sum() + T.window_similarity_sums(feats[2:]).sum()
+    mu = (total / (4 * 9 * 9)).expand(2)
+    parts = torch.cat([T.image_proxy_weights(feats[:2], windows_per_image=1, mean=mu),
+                       T.image_proxy_weights(feats[2:], windows_per_image=1, mean=mu)])
+    close(parts, full, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="one value per window"):
+        T.image_proxy_weights(feats, windows_per_image=4, mean=mu)

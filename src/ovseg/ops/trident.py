@@ -24,7 +24,7 @@ from ..sliding import window_grid
 
 __all__ = [
     "input_size", "upscale_input", "window_token_boxes",
-    "image_proxy_weights", "window_values",
+    "window_similarity_sums", "image_proxy_weights", "window_values",
     "window_grid_ratio", "to_window_grid", "splice_windows",
     "sam_source_size", "sam_resize_shape", "sam_valid_grid", "sam_preprocess",
     "sam_rel_pos", "sam_attention", "crop_valid",
@@ -117,6 +117,19 @@ def window_token_boxes(height: int, width: int, *, patch: int, window: int = 336
 
 
 # ------------------------------------------------------------------------------------------------ proxy attention
+def window_similarity_sums(feats: torch.Tensor) -> torch.Tensor:
+    """Sum of every entry of each window's cosine-similarity matrix ``S = X̂ᵀX̂``: (W, C, I, J) -> (W,).
+
+    Lets a caller that runs the windows of one image in several batches form the image's mean first:
+    ``μ = Σ_w sums_w / (N · M²)`` (then pass it as ``mean`` to :func:`image_proxy_weights`). Computed as
+    ``‖Σ_m x̂_m‖²`` without forming S.
+    """
+    if feats.dim() != 4:
+        raise InvalidInputError(f"VFM features must be (W, C, I, J), got shape {tuple(feats.shape)}")
+    x = F.normalize(feats.flatten(2), dim=1)  # (W, C, M)
+    return x.sum(dim=2).pow(2).sum(dim=1)
+
+
 def image_proxy_weights(
     feats: torch.Tensor,
     *,
@@ -124,6 +137,7 @@ def image_proxy_weights(
     beta: float = 1.2,
     gamma: float = 3.0,
     keep_diagonal: bool = False,
+    mean: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """ProxyCLIP's proxy attention with ONE similarity mean over all sub-images of an image (Trident).
 
@@ -136,20 +150,27 @@ def image_proxy_weights(
         beta, gamma: ProxyCLIP's β and γ.
         keep_diagonal: never mask ``S_ii`` (a row of a nearly uniform image is then finite instead of NaN; rows
             that the reference leaves finite are unchanged). Default False: the reference.
+        mean: optional (W,) image mean for each window (see :func:`window_similarity_sums`), when ``feats`` holds
+            only part of an image's windows; ``windows_per_image`` is then not used.
 
     Returns:
         (W, M, M) row-stochastic weights, M = I·J row-major, in ``feats``' dtype.
     """
     if feats.dim() != 4:
         raise InvalidInputError(f"VFM features must be (W, C, I, J), got shape {tuple(feats.shape)}")
-    n = _positive("windows_per_image", windows_per_image)
-    if feats.shape[0] % n:
-        raise InvalidInputError(f"{feats.shape[0]} windows are not a whole number of images of {n} windows")
     x = F.normalize(feats.flatten(2), dim=1)  # (W, C, M)
     sim = x.transpose(1, 2) @ x  # (W, M, M)
     w, m, _ = sim.shape
-    mu = sim.view(w // n, n * m * m).mean(dim=1)  # (B,) one mean per image
-    logits = (sim - beta * mu.repeat_interleave(n).view(w, 1, 1)) * gamma
+    if mean is None:
+        n = _positive("windows_per_image", windows_per_image)
+        if w % n:
+            raise InvalidInputError(f"{w} windows are not a whole number of images of {n} windows")
+        mu = sim.view(w // n, n * m * m).mean(dim=1).repeat_interleave(n)  # (W,) one mean per image
+    else:
+        if mean.shape != (w,):
+            raise InvalidInputError(f"mean must hold one value per window, shape ({w},), got {tuple(mean.shape)}")
+        mu = mean.to(sim.dtype)
+    logits = (sim - beta * mu.view(w, 1, 1)) * gamma
     mask = logits < 0
     if keep_diagonal:
         mask.diagonal(dim1=1, dim2=2).fill_(False)
@@ -165,6 +186,7 @@ def window_values(
     beta: float = 1.2,
     gamma: float = 3.0,
     keep_diagonal: bool = False,
+    mean: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """CLIP's last-block values mixed by :func:`image_proxy_weights` (before ``out_proj``; no residual, no FFN).
 
@@ -176,7 +198,7 @@ def window_values(
             which gives the same values since ``ln_1`` and the projection act per token).
         grid: CLIP token grid (gh, gw) of a window.
         vfm_feats: (W, C, I, J) DINO features of the same windows.
-        windows_per_image, beta, gamma, keep_diagonal: see :func:`image_proxy_weights`.
+        windows_per_image, beta, gamma, keep_diagonal, mean: see :func:`image_proxy_weights`.
 
     Returns:
         (W, nh, I·J, hd).
@@ -185,7 +207,7 @@ def window_values(
         raise InvalidInputError(f"batch mismatch: {vfm_feats.shape[0]} VFM maps for {v.shape[0]} windows")
     size = tuple(vfm_feats.shape[-2:])
     attn = image_proxy_weights(vfm_feats, windows_per_image=windows_per_image, beta=beta, gamma=gamma,
-                               keep_diagonal=keep_diagonal).to(v.dtype)  # (W, M, M)
+                               keep_diagonal=keep_diagonal, mean=mean).to(v.dtype)  # (W, M, M)
     vg = resize_values(v, grid, size)  # (W, nh, M, hd)
     return attn.unsqueeze(1) @ vg
 
