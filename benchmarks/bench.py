@@ -87,28 +87,35 @@ def test_image(w: int, h: int) -> np.ndarray:
 
 
 class ForwardTimer:
-    """Wraps Segmenter.forward_features to time the model and record window shapes."""
+    """Times the dense model's forward (every window batch) and records window shapes, with forward hooks on
+    ``seg.model`` (an ordinary ``nn.Module``)."""
 
     def __init__(self, seg: Segmenter):
-        self.seg, self.orig = seg, seg.forward_features
-        self.seconds, self.windows, self.shapes = 0.0, 0, []
-        seg.forward_features = self
+        self.seg = seg
+        self.reset()
+        self.handles = [seg.model.register_forward_pre_hook(self._pre),
+                        seg.model.register_forward_hook(self._post)]
 
-    def __call__(self, crops):
+    def _pre(self, module, args):
+        crops = args[0]
         _sync(self.seg.device)
-        t = time.perf_counter()
-        out = self.orig(crops)
-        _sync(self.seg.device)
-        self.seconds += time.perf_counter() - t
+        self._t = time.perf_counter()
         self.windows += crops.shape[0]
         self.shapes.extend([tuple(crops.shape[1:])] * crops.shape[0])
-        return out
+
+    def _post(self, module, args, out):
+        _sync(self.seg.device)
+        self.seconds += time.perf_counter() - self._t
 
     def reset(self):
         self.seconds, self.windows, self.shapes = 0.0, 0, []
 
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
-def flops_per_window(seg: Segmenter, orig_forward, shape) -> float:
+
+def flops_per_window(seg: Segmenter, shape, text: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros((1,) + tuple(shape), device=seg.device)
@@ -116,16 +123,19 @@ def flops_per_window(seg: Segmenter, orig_forward, shape) -> float:
     torch.backends.mha.set_fastpath_enabled(False)  # the counter cannot see inside the fused MHA kernel
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-            orig_forward(x)
+            seg.forward_features(x, text=text)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     return float(fc.get_total_flops())
 
 
 def build(method: str, vfm: Optional[str], precision: str, device: str, **opts) -> Segmenter:
+    from ovseg.methods import get_method
+
     kw = dict(clip_weights="random", templates="single", precision=precision, device=device, **opts)
-    if method == "proxyclip":
-        kw.update(vfm=vfm, vfm_weights="random")
+    roles = get_method(method).replace(vfm=vfm).vfm_names()
+    if roles:  # every VFM the method uses, with random weights
+        kw.update(vfm=vfm, vfm_weights={role: "random" for role in roles})
     return Segmenter(method, **kw)
 
 
@@ -150,8 +160,9 @@ def bench_config(seg: Segmenter, size: Tuple[int, int], runs: int, warmup: int, 
     mem = peak_mb(str(seg.device))
     windows = timer.windows
     shapes = {s: timer.shapes.count(s) for s in set(timer.shapes)}
-    flops = sum(n * flops_per_window(seg, timer.orig, s) for s, n in shapes.items())
-    seg.forward_features = timer.orig
+    timer.remove()
+    text = seg.text_embeddings(labels)
+    flops = sum(n * flops_per_window(seg, s, text) for s, n in shapes.items())
     model_s = statistics.median(models)
     row = {
         "method": seg.cfg.name, "vfm": seg.cfg.vfm, "size": f"{w}x{h}", "precision": seg.precision,

@@ -2,6 +2,7 @@
 
     python benchmarks/large_image.py --method naclip --size 8000x6000
     python benchmarks/large_image.py --method proxyclip --size 1024x768
+    python benchmarks/large_image.py --method clearclip --size 4000x3000 --labels 100 [--probs]
 
 Prints the peak resident memory of the process (ru_maxrss) after building the models and after the prediction,
 and the sizes of the unavoidable input/output arrays, so the overhead beyond them can be read off.
@@ -23,6 +24,7 @@ def main() -> None:
     ap.add_argument("--size", default="8000x6000", help="WIDTHxHEIGHT")
     ap.add_argument("--labels", type=int, default=4)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--probs", action="store_true", help="also return the full (C, H, W) probabilities")
     args = ap.parse_args()
     from ovseg import Segmenter
 
@@ -36,13 +38,15 @@ def main() -> None:
     built = rss_mb()
     img = np.random.RandomState(0).randint(0, 255, (h, w, 3), dtype=np.uint8)
     t = time.perf_counter()
-    res = seg.predict(img, labels)
+    res = seg.predict(img, labels, return_probs=args.probs)
     dt = time.perf_counter() - t
-    io_mb = (img.nbytes + res.probs.nbytes + res.label_map.nbytes) / 2**20
+    outputs = [res.label_map, res.score] + ([res.probs] if args.probs else [])
+    io_mb = (img.nbytes + sum(a.nbytes for a in outputs)) / 2**20
     peak = rss_mb()
     print(f"{args.method} {w}x{h}, {args.labels} labels, {args.precision}: {dt:.1f} s")
     print(f"peak RSS after building models: {built:.0f} MB; after predict: {peak:.0f} MB")
-    print(f"input + outputs (uint8 image, float32 probs, int32 labels): {io_mb:.0f} MB; "
+    print(f"input + outputs (uint8 image, int32 labels, float32 score{', float32 probs' if args.probs else ''}): "
+          f"{io_mb:.0f} MB; "
           f"peak beyond models + I/O arrays: {peak - built - io_mb:.0f} MB")
 
 

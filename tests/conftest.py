@@ -29,16 +29,37 @@ def device():
     return DEVICE
 
 
+TINY_SAM = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=[1])
+TINY_SD = {"unet": dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, cross_attention_dim=32,
+                        attention_head_dim=4, norm_num_groups=8),
+           "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)}
+
+
+def tiny_vfm_kwargs(name: str) -> dict:
+    """Small architecture overrides of a registered VFM's family (timm ViT, SAM, SD)."""
+    if name.startswith("sam"):
+        return TINY_SAM
+    if name.startswith("sd"):
+        pytest.importorskip("diffusers")
+        return TINY_SD
+    return TINY_DINO
+
+
 def make_segmenter(method: str, **kw):
+    """A Segmenter of ``method`` with seeded random weights and small configs of its real architectures: CLIP and
+    every VFM role the method uses (unless the caller passes weights or kwargs itself)."""
     from ovseg import Segmenter
+    from ovseg.methods import get_method
 
     kw.setdefault("clip_weights", "random")
     kw.setdefault("clip_kwargs", TINY_CLIP)
     kw.setdefault("templates", "single")
     kw.setdefault("device", DEVICE)
-    if method == "proxyclip" or kw.get("vfm"):
-        kw.setdefault("vfm_weights", "random")
-        kw.setdefault("vfm_kwargs", {"model_kwargs": TINY_DINO})
+    cfg = get_method(method).replace(vfm=kw.get("vfm"), vfms=kw.get("vfms"))
+    roles = cfg.vfm_names()
+    if roles:
+        kw.setdefault("vfm_weights", {role: "random" for role in roles})
+        kw.setdefault("vfm_kwargs", {role: {"model_kwargs": tiny_vfm_kwargs(name)} for role, name in roles.items()})
     return Segmenter(method, **kw)
 
 

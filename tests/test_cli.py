@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ovseg.cli import find_images, main, parse_label_text
@@ -54,6 +55,9 @@ def test_predict_in_process_folder(photos, tmp_path, capsys):
                  "--method", "proxyclip", *FAST])
     assert code == 0
     summary = _check_outputs(out, sizes, ["sky", "grass"])
+    assert summary["clip_activation"] == "gelu"  # ViT-B-16 with random weights: open_clip's GELU config
+    assert summary["clip_identity"] == dict(arch="ViT-B-16", source="random", tag=None, path=None, activation="gelu",
+                                            seed=0, model_kwargs=None)
     rec = summary["images"][0]
     probs = np.load(out / rec["probs_npy"])
     assert probs.shape == (2, rec["height"], rec["width"]) and probs.dtype == np.float32
@@ -87,12 +91,20 @@ def test_predict_subprocess_glob_and_labels_file(photos, tmp_path):
     (["predict", "{img}"], "--labels"),
     (["predict", "{notimg}", "--labels", "cat", "--method", "clip", "--clip-weights", "random"],
      "not a readable image"),
+    (["predict", "{img}", "--labels", "cat", "--method", "clip", "--clip-weights", "random", "--clip-tag", "openai"],
+     "clip_tag 'openai' names the weights a local file holds"),
+    (["predict", "{img}", "--labels", "cat", "--method", "clip", "--clip-weights", "{ckpt}"],
+     "--clip-tag openai"),
+    (["predict", "{img}", "--labels", "cat", "--method", "clip", "--clip-weights", "{ckpt}", "--clip-tag", "opnai"],
+     "did you mean 'openai'"),
 ])
 def test_cli_errors_one_line_exit_2(argv, needle, photos, tmp_path, capsys):
     d, _ = photos
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
-    argv = [a.format(img=d / "a.jpg", notimg=bad) for a in argv]
+    ckpt = tmp_path / "open_clip_pytorch_model.bin"  # unidentifiable: ViT-B-16's tags disagree on the activation
+    torch.save({"logit_scale": torch.zeros(())}, ckpt)
+    argv = [a.format(img=d / "a.jpg", notimg=bad, ckpt=ckpt) for a in argv]
     code = main(argv + ["--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -118,6 +130,10 @@ def test_list_and_doctor(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "weights in the local cache" in out and "dino_b8" in out
+    lines = {ln.split()[1]: ln for ln in out.splitlines() if ln.strip().startswith("clip ")}
+    assert lines["ViT-B-16/openai"].endswith("activation: quick_gelu")
+    assert lines["ViT-H-14/laion2b_s32b_b79k"].endswith("activation: gelu")
+    assert lines["ViT-B-16-quickgelu/metaclip_fullcc"].endswith("activation: quick_gelu")
 
 
 def test_label_text_and_image_discovery(photos):

@@ -8,10 +8,11 @@ from .backbones import list_vfms, register_vfm
 from .methods import list_methods
 from .result import SegmentationResult
 from .segmenter import Segmenter
+from .strategies import list_strategies
 
 list_backbones = list_vfms
 
 __all__ = [
     "Segmenter", "SegmentationResult", "list_methods", "list_vfms", "list_backbones", "list_attentions",
-    "register_vfm", "__version__",
+    "register_vfm", "list_strategies", "__version__",
 ]

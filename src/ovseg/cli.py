@@ -1,4 +1,4 @@
-"""``ovseg`` command line: ``predict``, ``list``, ``doctor``, ``eval``, ``convert-coco-object``.
+"""``ovseg`` command line: ``predict``, ``list``, ``doctor``, ``eval``, ``convert-coco-object``, ``demo``.
 
 Errors from bad input print one line on stderr and exit with code 2.
 """
@@ -81,7 +81,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="proxyclip (default), naclip, sclip, clearclip, maskclip, clip")
     g.add_argument("--clip", default=None, help="open_clip architecture (default ViT-B-16)")
     g.add_argument("--clip-weights", default=None,
-                   help="open_clip pretrained tag (default openai), a local checkpoint file, or 'random'")
+                   help="open_clip pretrained tag (default openai), a local checkpoint file or folder, or 'random'")
+    g.add_argument("--clip-tag", default=None,
+                   help="the open_clip pretrained tag a local --clip-weights file holds (e.g. openai); it decides "
+                        "the activation (QuickGELU or GELU)")
     g.add_argument("--vfm", default=None, help="VFM for proxyclip (default dino_b8); see 'ovseg list'")
     g.add_argument("--vfm-weights", default=None, help="local checkpoint in the official release format, or 'random'")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
@@ -101,7 +104,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _segmenter(args: argparse.Namespace):
     from .segmenter import Segmenter
 
-    return Segmenter(args.method, clip=args.clip, clip_weights=args.clip_weights, vfm=args.vfm,
+    return Segmenter(args.method, clip=args.clip, clip_weights=args.clip_weights, clip_tag=args.clip_tag, vfm=args.vfm,
                      vfm_weights=args.vfm_weights, device=args.device, precision=args.precision,
                      window=args.window, stride=args.stride, short_side=args.short_side,
                      batch_size=args.batch_size, pamr_steps=args.pamr_steps, templates=_templates(args.templates))
@@ -135,7 +138,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         iterator = tqdm(list(iterator), desc="images", unit="img", file=sys.stderr)
     for path, stem in iterator:
-        res = seg.predict(str(path), labelset, threshold=args.threshold)
+        res = seg.predict(str(path), labelset, threshold=args.threshold, return_probs=args.save_probs)
         paths = res.save(out, stem, save_probs=args.save_probs, alpha=args.alpha)
         records.append({
             "file": str(path), "height": res.size[0], "width": res.size[1],
@@ -144,6 +147,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         })
     summary = {
         "ovseg": __version__, "method": seg.cfg.name, "clip": seg.cfg.clip, "clip_weights": seg.clip.weights,
+        "clip_activation": seg.clip.activation, "clip_identity": seg.clip.identity,
         "vfm": seg.cfg.vfm, "labels": list(labelset.names), "queries": list(labelset.queries), "images": records,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
@@ -206,9 +210,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print(f"hugging face cache: {constants.HF_HUB_CACHE} | HF_HUB_OFFLINE: {int(offline)}")
     cached = _cached_repos()
     print("weights in the local cache:")
-    for kind, name, repo in _known_weights():
+    for kind, name, repo, note in _known_weights():
         state = "cached" if repo in cached else "not cached"
-        print(f"  {kind:<5} {name:<28} {repo:<48} {state}")
+        print(f"  {kind:<5} {name:<34} {repo:<48} {state:<11} {note}".rstrip())
     return 0
 
 
@@ -222,27 +226,23 @@ def _cached_repos() -> set:
 
 
 def _known_weights():
-    """(kind, name, hub repo) for the presets' CLIP weights and every registered VFM with a hub source."""
+    """(kind, name, hub repo, note) for the CLIP weights ovseg names (note: their activation) and every registered
+    VFM with a hub source."""
     import open_clip
 
-    from .backbones import VFMS
+    from .backbones import VFMS, get_vfm_cfg
+    from .backbones.clip_weights import KNOWN_CLIP_WEIGHTS, tag_activation
 
     rows = []
-    for arch, tag in (("ViT-B-16", "openai"), ("ViT-L-14", "openai"), ("ViT-H-14", "laion2b_s32b_b79k")):
+    for arch, tag in KNOWN_CLIP_WEIGHTS:
         cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
-        rows.append(("clip", f"{arch}/{tag}", cfg.get("hf_hub", "").rstrip("/")))
+        rows.append(("clip", f"{arch}/{tag}", cfg.get("hf_hub", "").rstrip("/"),
+                     f"activation: {tag_activation(arch, tag)}"))
     for name in VFMS.names():
-        d = VFMS.get(name).defaults
-        repo = d.get("repo_id")
-        if repo is None and "timm_name" in d:
-            try:
-                import timm
-
-                repo = timm.models.get_pretrained_cfg(d["timm_name"]).hf_hub_id
-            except Exception:
-                repo = None
+        cfg = get_vfm_cfg(name)
+        repo = cfg.hub_repo if cfg is not None else None
         if repo:
-            rows.append(("vfm", name, repo))
+            rows.append(("vfm", name, repo, ""))
     return rows
 
 
@@ -295,11 +295,23 @@ def _cmd_convert_coco_object(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import launch_demo
+
+    def factory(method: str, vfm: Optional[str], vfm_weights: Optional[str]):  # the UI's choice + these options
+        return _segmenter(argparse.Namespace(**{**vars(args), "method": method, "vfm": vfm,
+                                                "vfm_weights": vfm_weights}))
+
+    return launch_demo(host=args.host, port=args.port, share=args.share, method=args.method, vfm=args.vfm,
+                       clip=args.clip, clip_weights=args.clip_weights, vfm_weights=args.vfm_weights,
+                       threshold=args.threshold, factory=factory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovseg", description="Training-free open-vocabulary semantic segmentation.")
     parser.add_argument("--version", action="version", version=f"ovseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{predict,list,doctor,eval,convert-coco-object}")
+                                metavar="{predict,list,doctor,eval,convert-coco-object,demo}")
     p = sub.add_parser("predict", help="segment images with a list of words",
                        description="Segment images (files, folders or globs) with any labels.")
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
@@ -338,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output root (default: the same folder)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_cmd_convert_coco_object)
+    w = sub.add_parser("demo", help='a web demo in the browser (pip install "ovseg[demo]")',
+                       description="Serve a Gradio web demo: upload an image, type labels, pick the method and VFM. "
+                                   "The options below set the weights and the initial choice; see docs/demo.md.")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    w.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    w.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
+    _add_model_args(w)
+    w.set_defaults(func=_cmd_demo)
     return parser
 
 

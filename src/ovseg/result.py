@@ -29,17 +29,22 @@ class SegmentationResult:
 
     Attributes:
         label_map: (H, W) int32, indices into ``labels``.
-        probs: (C, H, W) float32 class probabilities (softmax over queries, max over each class's synonyms,
-            renormalised to sum to 1 per pixel).
         labels: class names (the first synonym of each label).
+        score: (H, W) float32, the probability of the chosen label (class probabilities renormalised to sum to 1
+            per pixel). A pixel sent to ``labels[0]`` by the threshold keeps the probability of ``labels[0]``.
+        probs: (C, H, W) float32 class probabilities (softmax over queries, max over each class's synonyms,
+            renormalised to sum to 1 per pixel), only with ``predict(..., return_probs=True)``: they take
+            4·C·H·W bytes (100 labels on a 4000x3000 photo: 4.8 GB). The threshold compares the scores *before*
+            the renormalisation, so a pixel's ``probs`` can exceed it while the pixel went to ``labels[0]``.
         image: (H, W, 3) uint8 RGB input, for pictures (None if not kept).
         logits: (Q, H, W) float32 raw per-query cosine logits when requested, else None.
         queries: the text queries (synonyms included) behind ``logits``.
     """
 
     label_map: np.ndarray
-    probs: np.ndarray
     labels: List[str]
+    score: Optional[np.ndarray] = field(default=None, repr=False)
+    probs: Optional[np.ndarray] = field(default=None, repr=False)
     image: Optional[np.ndarray] = field(default=None, repr=False)
     logits: Optional[np.ndarray] = field(default=None, repr=False)
     queries: Optional[List[str]] = field(default=None, repr=False)
@@ -134,6 +139,11 @@ class SegmentationResult:
         self.label_image().save(paths["labels"])
         self.overlay(alpha, legend=True).save(paths["overlay"])
         if save_probs:
+            if self.probs is None:
+                from .errors import InvalidInputError
+
+                raise InvalidInputError("this result has no class probabilities: predict with return_probs=True "
+                                        "(CLI: --save-probs) to save them")
             paths["probs"] = out / f"{stem}_probs.npy"
             np.save(paths["probs"], self.probs)
         return {k: str(v) for k, v in paths.items()}

@@ -1,21 +1,32 @@
-"""Segmenter: one object for every method — builds CLIP (+ VFM), caches text embeddings, predicts label maps."""
+"""Segmenter: the predictor around a :class:`ovseg.model.DenseModel` — inputs, labels, windows, head, results.
+
+``Segmenter(method)`` resolves a preset (:mod:`ovseg.methods`), builds CLIP, the method's VFMs and its dense
+strategy into one ``nn.Module`` (``seg.model``), caches text embeddings, and turns images into label maps:
+resize → windows → ``model.window_logits`` → average → full-resolution post-processing (PAMR, the head, the
+strategy's own refinement), one band of rows at a time. See docs/architecture.md.
+"""
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import get_attention
-from .backbones import create_clip, create_vfm
-from .config import CLIP_MEAN, CLIP_STD, PRECISIONS
+from . import __version__
+from .backbones import build_clip, create_vfm
+from .config import PRECISIONS
+from .errors import InvalidInputError
+from .head import Head, postprocess
 from .methods import MethodCfg, get_method
+from .model import DenseModel
+from .params import unit_interval
 from .preprocess import is_batch, load_image, normalize_clip, rescale_size, resize_image
 from .result import SegmentationResult
-from .sliding import slide_inference, window_grid
+from .sliding import WindowBatch, slide_inference, window_grid
+from .strategies.base import DenseStrategy, ImageContext, WindowContext
 from .text import LabelSet, TextClassifier, get_templates, parse_labels
 from .tiling import pamr_rows, resize_rows, row_bands
 
@@ -26,44 +37,30 @@ __all__ = ["Segmenter", "postprocess"]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def postprocess(
-    logits: torch.Tensor,
-    query_class: Sequence[int],
-    num_classes: int,
-    *,
-    logit_scale: float = 40.0,
-    threshold: float = 0.0,
-):
-    """Cosine logits (Q, H, W) -> (label map (H, W) int64, class scores (C, H, W)) as the references do
-    (docs/methods.md, "Post-processing").
-
-    Softmax over all queries of ``logits · logit_scale``; a class scores the max over its synonyms; argmax
-    (ties to the lowest index); pixels whose best class score is below ``threshold`` go to class 0.
-    The returned scores are *not* renormalised (they are what the threshold sees).
-    """
-    probs = torch.softmax(logits.float() * logit_scale, dim=0)
-    if len(query_class) != num_classes:
-        index = torch.as_tensor(query_class, device=logits.device).view(-1, 1, 1).expand_as(probs)
-        scores = probs.new_zeros((num_classes,) + tuple(probs.shape[1:]))
-        scores = scores.scatter_reduce(0, index, probs, reduce="amax", include_self=False)
-    else:
-        scores = probs
-    best, labels = scores.max(dim=0)
-    if threshold > 0:
-        labels = torch.where(best < threshold, torch.zeros_like(labels), labels)
-    return labels, scores
-
-
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:1', 'mps'") from None
+        raise InvalidInputError(f"invalid device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:1', 'mps'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here; use device='cpu'")
+        raise InvalidInputError(f"device {device!r} requested but CUDA is not available here; use device='cpu'")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InvalidInputError(f"device {device!r} requested but MPS is not available here; use device='cpu'")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInputError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'cuda:1' or 'mps'")
     return dev
+
+
+def _per_role(value: Any, roles: Sequence[str], what: str) -> Dict[str, Any]:
+    """``value`` for the ``"vfm"`` role, or a mapping role -> value when its keys are all roles."""
+    if isinstance(value, Mapping) and value and set(value) <= set(roles) and not (what == "vfm_kwargs" and
+                                                                                  "vfm" not in roles):
+        return dict(value)
+    if isinstance(value, Mapping) and value and any(k in roles for k in value) and not set(value) <= set(roles):
+        raise InvalidInputError(f"{what} mixes VFM roles and other keys: {sorted(value)}; roles: {sorted(roles)}")
+    return {"vfm": value} if value is not None else {}
 
 
 class Segmenter:
@@ -71,23 +68,34 @@ class Segmenter:
 
     Args:
         method: a preset from :func:`ovseg.list_methods` (``proxyclip``, ``naclip``, ``sclip``, ``clearclip``,
-            ``maskclip``, ``clip``).
+            ``maskclip``, ``clip``, ...).
         clip: open_clip architecture (default ``ViT-B-16``).
-        clip_weights: open_clip pretrained tag, local checkpoint path, or ``"random"`` (default ``openai``).
-        vfm: VFM name for ``proxyclip`` (default ``dino_b8``); see :func:`ovseg.list_vfms`.
-        vfm_weights: None (official weights), local checkpoint path, or ``"random"``.
+        clip_weights: open_clip pretrained tag, local checkpoint file or folder, or ``"random"`` (default
+            ``openai``).
+        clip_tag: for a local ``clip_weights`` file, the open_clip pretrained tag it holds (e.g. ``"openai"``);
+            it decides the activation (QuickGELU or GELU). Needed when the file cannot be recognised and the
+            architecture's tags disagree (docs/offline.md).
+        vfm: the VFM of methods that use one (ProxyCLIP default ``dino_b8``); see :func:`ovseg.list_vfms`.
+        vfm_weights: None (official weights), a local checkpoint path, or ``"random"``; a mapping
+            ``{role: weights}`` for methods with several VFMs.
         device: default CUDA when available, else CPU.
         precision: ``fp32``, ``fp16`` or ``bf16`` autocast (default fp32 on CPU, fp16 on CUDA).
         seed: seed for ``"random"`` weights.
         clip_kwargs: open_clip model-config overrides (e.g. a smaller ``vision_cfg`` for tests).
         vfm_kwargs: keyword options of the VFM builder, e.g. ``{"block": 1}`` for SD or
-            ``{"model_kwargs": {...}}`` (architecture overrides for timm/diffusers).
+            ``{"model_kwargs": {...}}`` (architecture overrides for timm/diffusers); ``{role: {...}}`` per role.
         memory_budget: GB of activations for one batch of windows; the batch size then adapts to the window
-            size (at most ``batch_size`` is ignored, at least 1). Default: a fixed ``batch_size``.
-        compile: run the model forward through ``torch.compile`` (first calls per window shape compile).
-        **options: any :class:`ovseg.methods.MethodCfg` field (window, stride, logit_scale, threshold, beta,
-            gamma, sigma, pamr_steps, templates, attention, residual, ffn, batch_size, ...). ``None`` keeps the
-            preset's value.
+            size (at least 1). Default: a fixed ``batch_size``.
+        compile: compile the dense model with ``torch.compile`` (first calls per window shape compile).
+        **options: the method's options: the pipeline's (``window``, ``stride``, ``short_side``, ``logit_scale``,
+            ``threshold``, ``pamr_steps``, ``templates``, ``batch_size``, ...) and its strategy's (``attention``,
+            ``sigma``, ``beta``, ...). ``None`` keeps the preset's value; an option the method does not have is an
+            error. ``seg.cfg.option_names()`` lists them.
+
+    Attributes:
+        model: the :class:`ovseg.model.DenseModel` (an ``nn.Module``: CLIP, VFMs, strategy).
+        cfg: the resolved :class:`ovseg.methods.MethodCfg`.
+        text: the cached text classifier.
     """
 
     def __init__(
@@ -96,8 +104,9 @@ class Segmenter:
         *,
         clip: Optional[str] = None,
         clip_weights: Optional[str] = None,
+        clip_tag: Optional[str] = None,
         vfm: Optional[str] = None,
-        vfm_weights: Optional[str] = None,
+        vfm_weights: Any = None,
         device: Union[str, torch.device, None] = None,
         precision: Optional[str] = None,
         seed: int = 0,
@@ -110,56 +119,107 @@ class Segmenter:
         preset = get_method(method)
         if memory_budget is not None and (isinstance(memory_budget, bool) or
                                           not isinstance(memory_budget, (int, float)) or memory_budget <= 0):
-            raise ValueError(f"memory_budget must be a positive number of GB, got {memory_budget!r}")
-        if vfm_weights is not None and vfm is None and preset.vfm is None and "attention" not in options:
-            raise ValueError(f"vfm_weights was given but method '{method}' uses no VFM")
+            raise InvalidInputError(f"memory_budget must be a positive number of GB, got {memory_budget!r}")
         self.cfg: MethodCfg = preset.replace(clip=clip, clip_weights=clip_weights, vfm=vfm, **options)
+        vfm_names = self.cfg.vfm_names()
+        if vfm_weights is not None and not vfm_names:
+            raise InvalidInputError(f"vfm_weights was given but method '{method}' uses no VFM")
+        weights_by_role = _per_role(vfm_weights, list(vfm_names), "vfm_weights")
+        kwargs_by_role = _per_role(vfm_kwargs, list(vfm_names), "vfm_kwargs")
         self.device = _resolve_device(device)
         if precision is None:
             precision = "fp16" if self.device.type == "cuda" else "fp32"
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            raise InvalidInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
-        self.strategy = get_attention(self.cfg.attention)
         self.templates = get_templates(self.cfg.templates)
-        self.clip = create_clip(self.cfg.clip, self.cfg.clip_weights, device=self.device, seed=seed,
+        clip_model = build_clip(self.cfg.clip, self.cfg.clip_weights, tag=clip_tag, seed=seed,
                                 model_kwargs=clip_kwargs)
-        self.vfm = None
-        if self.cfg.vfm is not None:
-            self.vfm = create_vfm(self.cfg.vfm, vfm_weights, seed=seed, **(vfm_kwargs or {})).to(self.device)
-        self.text = TextClassifier(self.clip)
-        self.band_pixels = 1 << 21  # full-resolution post-processing works on bands of at most this many pixels
+        vfms = {role: create_vfm(name, weights_by_role.get(role), seed=seed, **(kwargs_by_role.get(role) or {}))
+                for role, name in vfm_names.items()}
+        strategy = self.cfg.strategy_cls(**self.cfg.strategy_options)
+        self.model = DenseModel(clip_model, strategy, vfms).to(self.device).eval()
+        self.text = TextClassifier(self.model.clip)
+        # full-resolution post-processing works on bands of rows: at most band_pixels pixels and about band_bytes
+        # of float32 temporaries (the band's logits, class scores and their softmax, ~3 x (Q + C) per pixel)
+        self.band_pixels = 1 << 21
+        self.band_bytes = 256 << 20
         self.memory_budget = memory_budget
-        self._forward_impl = self._forward_features
+        self.compiled = bool(compile)
         if compile:
-            self._forward_impl = torch.compile(self._forward_features, dynamic=False)
+            self.model.compile(dynamic=False)
 
     # ------------------------------------------------------------------ plumbing
     @property
     def method(self) -> str:
         return self.cfg.name
 
+    @property
+    def clip(self) -> torch.nn.Module:
+        return self.model.clip
+
+    @property
+    def vfm(self) -> Optional[torch.nn.Module]:
+        return self.model.vfm
+
+    @property
+    def strategy(self) -> DenseStrategy:
+        return self.model.strategy
+
+    @property
+    def head(self) -> Head:
+        return Head(logit_scale=self.cfg.logit_scale, threshold=self.cfg.threshold,
+                    area_threshold=self.cfg.area_threshold)
+
     def __repr__(self) -> str:
-        vfm = f", vfm={self.cfg.vfm!r}" if self.cfg.vfm else ""
-        return (f"Segmenter({self.cfg.name!r}, clip={self.cfg.clip!r}, clip_weights={self.clip.weights!r}{vfm}, "
+        vfms = self.cfg.vfm_names()
+        vfm = "".join(f", {'vfm' if r == 'vfm' else r}={n!r}" for r, n in vfms.items())
+        act = getattr(self.clip, "activation", None)
+        act = f", clip_activation={act!r}" if act else ""
+        return (f"Segmenter({self.cfg.name!r}, clip={self.cfg.clip!r}, clip_weights={self.clip.weights!r}{act}{vfm}, "
                 f"device='{self.device}', precision={self.precision!r})")
 
+    def settings(self) -> Dict[str, Any]:
+        """Every setting that shapes a result, JSON-friendly: the method's options (pipeline and strategy), the
+        weights (with the CLIP activation and identity when known), VFMs, precision, device and ovseg's version."""
+        vfms = {}
+        for role, vfm in self.model.vfms.items():
+            vfms[role] = {"name": self.cfg.vfm_names().get(role), "weights": getattr(vfm, "weights", None)}
+        return {
+            "ovseg": __version__, "method": self.cfg.as_dict(), "clip": self.cfg.clip,
+            "clip_weights": getattr(self.clip, "weights", None),
+            "clip_activation": getattr(self.clip, "activation", None),
+            "clip_identity": getattr(self.clip, "identity", None), "vfms": vfms,
+            "templates": list(self.templates), "precision": self.precision, "device": self.device.type,
+        }
+
     def to(self, device: Union[str, torch.device]) -> "Segmenter":
-        self.device = _resolve_device(device)
-        self.clip.to(self.device)
-        if self.vfm is not None:
-            self.vfm.to(self.device)
+        """Move the model; on failure (e.g. out of memory) everything stays where it was."""
+        new = _resolve_device(device)
+        old = self.device
+        try:
+            self.model.to(new)
+        except Exception:
+            self.model.to(old)
+            raise
+        self.device = new
         return self
 
     def configure(self, **options: Any) -> "Segmenter":
         """Change inference options (``window``, ``stride``, ``short_side``, ``threshold``, ``logit_scale``,
-        ``pamr_steps``, ``templates``, ...) without reloading any model; ``window=0`` selects whole-image mode."""
-        fixed = sorted({"clip", "clip_weights", "vfm"} & set(options))
+        ``pamr_steps``, ``templates``, strategy options such as ``sigma``, ...) without reloading any model;
+        ``window=0`` selects whole-image mode. Atomic: a bad value leaves the Segmenter unchanged."""
+        fixed = sorted({"clip", "clip_weights", "vfm", "vfms", "strategy"} & set(options))
         if fixed:
-            raise ValueError(f"{', '.join(fixed)} cannot be changed by configure(); build a new Segmenter")
-        self.cfg = self.cfg.replace(**options)
-        self.strategy = get_attention(self.cfg.attention)
-        self.templates = get_templates(self.cfg.templates)
+            raise InvalidInputError(f"{', '.join(fixed)} cannot be changed by configure(); build a new Segmenter")
+        cfg = self.cfg.replace(**options)
+        if cfg.vfm_names() != self.cfg.vfm_names():
+            raise InvalidInputError("these options change the VFMs the method needs; build a new Segmenter")
+        templates = get_templates(cfg.templates)
+        strategy_options = cfg.strategy_options
+        # everything is validated: commit
+        self.model.strategy.set_options(strategy_options)
+        self.cfg, self.templates = cfg, templates
         return self
 
     def _autocast(self):
@@ -171,24 +231,15 @@ class Segmenter:
         """(Q, E) unit-norm float32 query embeddings (cached)."""
         return self.text(parse_labels(labels).queries, self.templates, device=self.device)
 
-    def _vfm_input(self, crops: torch.Tensor) -> torch.Tensor:
-        """CLIP-normalised crops -> the VFM's normalisation (docs/methods.md, "VFM input")."""
-        dev = crops.device
-        clip_mean = torch.tensor(CLIP_MEAN, device=dev).view(1, 3, 1, 1)
-        clip_std = torch.tensor(CLIP_STD, device=dev).view(1, 3, 1, 1)
-        mean = torch.tensor(self.vfm.mean, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(self.vfm.std, device=dev).view(1, 3, 1, 1)
-        return (crops * clip_std + clip_mean - mean) / std
-
     def window_bytes(self, height: int, width: int) -> int:
         """Rough activation memory of one (height x width) window: the widest tensors of the CLIP and VFM
         blocks (q, k, v and the MLP hidden ~ 10 x tokens x width) and the proxy attention (3 x M²)."""
         itemsize = 4 if self.precision == "fp32" else 2
         gh, gw = self.clip.grid_size(height, width)
         total = 10 * (gh * gw + 1) * self.clip.width
-        if self.vfm is not None:
-            vh, vw = self.vfm.grid_size(height, width)
-            total += 10 * vh * vw * int(getattr(self.vfm, "width", self.vfm.embed_dim)) + 3 * (vh * vw) ** 2
+        for vfm in self.model.vfms.values():
+            vh, vw = vfm.grid_size(height, width)
+            total += 10 * vh * vw * int(getattr(vfm, "width", vfm.embed_dim)) + 3 * (vh * vw) ** 2
         return total * itemsize
 
     def batch_size_for(self, height: int, width: int) -> int:
@@ -197,27 +248,14 @@ class Segmenter:
             return self.cfg.batch_size
         return max(1, min(256, int(self.memory_budget * 2**30 // self.window_bytes(height, width))))
 
-    def forward_features(self, crops: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, crops: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Windows (N, 3, h, w), CLIP-normalised -> unit-norm dense features (N, E, h', w') float32."""
-        return self._forward_impl(crops)
-
-    def _forward_features(self, crops: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            vfm_feats = self.vfm.forward_features(self._vfm_input(crops)) if self.vfm is not None else None
-            feats = self.clip.forward_dense(crops, self.strategy, residual=self.cfg.residual, ffn=self.cfg.ffn,
-                                            vfm_feats=vfm_feats, **self.cfg.attention_params())
-        return F.normalize(feats.float(), dim=1)
-
-    def _window_logits(self, text: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        def fn(crops: torch.Tensor) -> torch.Tensor:
-            feats = self.forward_features(crops)  # (N, E, h, w)
-            return torch.einsum("nehw,qe->nqhw", feats, text)
-
-        return fn
+            return self.model(crops.to(self.device), text=text)
 
     # ------------------------------------------------------------------ inference
-    def _prepare(self, src: Any):
-        """One image -> (RGB for pictures: uint8 (H0, W0, 3) numpy, CLIP-normalised resized (3, H, W) tensor)."""
+    def _prepare(self, index: int, src: Any, masks: Any = None) -> ImageContext:
+        """One image -> its context: uint8 (H0, W0, 3) RGB and the CLIP-normalised resized (3, H, W) tensor."""
         rgb = load_image(src)
         if isinstance(rgb, np.ndarray):
             h0, w0 = rgb.shape[:2]
@@ -232,56 +270,144 @@ class Segmenter:
             size = rescale_size(h0, w0, self.cfg.short_side, self.cfg.long_max)
         ph, pw = self.clip.patch_size
         if size[0] < ph or size[1] < pw:
-            raise ValueError(f"image of size {h0}x{w0} is too small or too elongated: resized to "
-                             f"{size[0]}x{size[1]}, smaller than one {ph}x{pw} CLIP patch")
+            raise InvalidInputError(f"image of size {h0}x{w0} is too small or too elongated: resized to "
+                                    f"{size[0]}x{size[1]}, smaller than one {ph}x{pw} CLIP patch")
         x = normalize_clip(resize_image(img.to(self.device), size).float())
         if not isinstance(rgb, np.ndarray):
             rgb = (rgb * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        return rgb, x
+        mask_t = None
+        if masks is not None:
+            mask_t = torch.as_tensor(np.asarray(masks))
+            if tuple(mask_t.shape) != (h0, w0):
+                raise InvalidInputError(f"masks must be an (H, W) = ({h0}, {w0}) label image for this input, "
+                                        f"got shape {tuple(mask_t.shape)}")
+        return ImageContext(index=index, x=x, rgb=rgb, masks=mask_t)
 
-    def _infer(self, images: Sequence[Any], labelset: LabelSet, progress: bool):
-        """Window-averaged cosine logits (Q, H, W) at each image's resized resolution."""
+    def _infer(self, images: Sequence[Any], labelset: LabelSet, progress: bool, masks: Optional[Sequence] = None
+               ) -> Tuple[List[ImageContext], List[torch.Tensor]]:
+        """Window-averaged cosine logits (Q, H, W) at each image's resized resolution, with the image contexts."""
         text = self.text(labelset.queries, self.templates, device=self.device)
-        prepared = [self._prepare(src) for src in images]
-        inputs = [x for _, x in prepared]
+        contexts = [self._prepare(i, src, None if masks is None else masks[i]) for i, src in enumerate(images)]
+        strategy = self.model.strategy
+        with self._autocast():
+            for ctx in contexts:
+                strategy.prepare(self.model, ctx, text)
+        aux = [getattr(strategy, "aux_maps", lambda c: {})(ctx) for ctx in contexts]
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             total = sum(1 if self.cfg.window is None else
-                        len(window_grid(x.shape[-2], x.shape[-1], self.cfg.window, self.cfg.stride)) for x in inputs)
+                        len(window_grid(c.x.shape[-2], c.x.shape[-1], self.cfg.window, self.cfg.stride))
+                        for c in contexts)
             bar = tqdm(total=total, desc="windows", unit="win")
-        batch = self.cfg.batch_size if self.memory_budget is None else self.batch_size_for
-        logits = slide_inference(inputs, self._window_logits(text), window=self.cfg.window, stride=self.cfg.stride,
-                                 pad_multiple=self.cfg.pad_multiple, batch_size=batch,
-                                 progress=bar.update if bar is not None else None)
+
+        def window_fn(crops: torch.Tensor, batch: WindowBatch) -> torch.Tensor:
+            context = WindowContext(text=text, images=[contexts[i] for i in batch.image_index], boxes=batch.boxes,
+                                    pad=batch.pad, aux=batch.aux)
+            with self._autocast():
+                return self.model.window_logits(crops, text, context)
+
+        batch_size = self.cfg.batch_size if self.memory_budget is None else self.batch_size_for
+        logits = slide_inference([c.x for c in contexts], window_fn, window=self.cfg.window, stride=self.cfg.stride,
+                                 pad_multiple=self.cfg.pad_multiple, batch_size=batch_size,
+                                 progress=bar.update if bar is not None else None,
+                                 aux=aux if any(aux) else None, with_context=True)
         if bar is not None:
             bar.close()
-        return [(rgb, x, lg) for (rgb, x), lg in zip(prepared, logits)]
+        return contexts, logits
 
-    def _finish(self, rgb: np.ndarray, x: torch.Tensor, lg: torch.Tensor, labelset: LabelSet, threshold: float,
-                return_logits: bool) -> SegmentationResult:
-        """Resize to the input size, PAMR, softmax/synonyms/argmax — one band of rows at a time (``ovseg.tiling``)."""
-        h0, w0 = rgb.shape[:2]
-        label_map = np.empty((h0, w0), dtype=np.int32)
-        probs = np.empty((labelset.num_classes, h0, w0), dtype=np.float32)
-        logits = np.empty((len(labelset.queries), h0, w0), dtype=np.float32) if return_logits else None
-        pixels = self.band_pixels
-        if self.cfg.pamr_steps > 0:  # PAMR bands carry steps·max(d) halo rows on each side: keep them <= 1/2 of it
+    def _band_logits(self, ctx: ImageContext, lg: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of the logits at the input's size, after PAMR when enabled: (Q, r1 - r0, W0) float32."""
+        size = ctx.size
+        if self.cfg.pamr_steps > 0:
+            return pamr_rows(ctx.x, lg, size, r0, r1, steps=self.cfg.pamr_steps, dilations=self.cfg.pamr_dilations)
+        return resize_rows(lg, size, r0, r1)
+
+    def _bands(self, ctx: ImageContext, progress: bool, what: str, channels: int = 1):
+        h0, w0 = ctx.size
+        pixels = max(w0, min(self.band_pixels, self.band_bytes // (12 * max(channels, 1))))
+        if self.cfg.pamr_steps > 0:  # PAMR bands carry steps·max(d) halo rows on each side: keep them <= 1/2
             pixels = max(pixels, 4 * self.cfg.pamr_steps * max(self.cfg.pamr_dilations) * w0)
-        for r0, r1 in row_bands(h0, w0, pixels):
-            if self.cfg.pamr_steps > 0:
-                band = pamr_rows(x, lg, (h0, w0), r0, r1, steps=self.cfg.pamr_steps, dilations=self.cfg.pamr_dilations)
-            else:
-                band = resize_rows(lg, (h0, w0), r0, r1)
-            labels, scores = postprocess(band, labelset.query_class, labelset.num_classes,
-                                         logit_scale=self.cfg.logit_scale, threshold=threshold)
-            label_map[r0:r1] = labels.cpu().numpy()
-            probs[:, r0:r1] = (scores / scores.sum(dim=0, keepdim=True)).cpu().numpy()
-            if logits is not None:
-                logits[:, r0:r1] = band.cpu().numpy()
-        return SegmentationResult(label_map=label_map, probs=probs, labels=list(labelset.names), image=rgb,
-                                  logits=logits, queries=list(labelset.queries))
+        bands = list(row_bands(h0, w0, pixels))
+        if progress and (len(bands) > 1 or self.cfg.pamr_steps > 0):
+            from tqdm.auto import tqdm
+
+            return tqdm(bands, desc=what, unit="band", leave=False)
+        return bands
+
+    def _finish(self, ctx: ImageContext, lg: torch.Tensor, labelset: LabelSet, head: Head, *,
+                return_logits: bool = False, return_probs: bool = False, progress: bool = False,
+                on_device: bool = False) -> Dict[str, Any]:
+        """Full-resolution post-processing, one band of rows at a time (``ovseg.tiling``): resize (and PAMR), the
+        head (with its area filter), the strategy's refinement; memory beyond the outputs stays bounded."""
+        h0, w0 = ctx.size
+        nq, nc = len(labelset.queries), labelset.num_classes
+        qc = labelset.query_class
+        strategy = self.model.strategy
+        refines = type(strategy).postprocess is not DenseStrategy.postprocess
+        dropped = None
+        if head.area_threshold > 0:
+            counts = torch.zeros(nc, dtype=torch.int64, device=lg.device)
+            for r0, r1 in self._bands(ctx, progress, "area filter", nq + nc):
+                counts += head.area_counts(head.scores(self._band_logits(ctx, lg, r0, r1), qc, nc))
+            dropped = head.dropped_classes(counts)
+        out_dev = lg.device if on_device else torch.device("cpu")
+        labels = torch.empty((h0, w0), dtype=torch.int64, device=out_dev)
+        score = torch.empty((h0, w0), dtype=torch.float32, device=out_dev) if not on_device else None
+        probs = torch.empty((nc, h0, w0), dtype=torch.float32, device=out_dev) if return_probs else None
+        logits = torch.empty((nq, h0, w0), dtype=torch.float32, device=out_dev) if return_logits else None
+        need_values = (score is not None or probs is not None or logits is not None)
+        for r0, r1 in self._bands(ctx, progress, "post-processing", nq + nc):
+            band = self._band_logits(ctx, lg, r0, r1)
+            scores = head.scores(band, qc, nc)
+            lab, _ = head.classify(scores, dropped)
+            labels[r0:r1] = lab.to(out_dev)
+            if not refines and need_values:
+                self._fill(r0, r1, band, scores, lab, score, probs, logits, out_dev)
+        if refines:
+            def scores_at(size: Tuple[int, int]) -> torch.Tensor:
+                small = F.interpolate(lg[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+                return head.scores(small, qc, nc)
+
+            labels = strategy.postprocess(self.model, labels.to(lg.device), ctx, scores_at).to(out_dev)
+            if need_values:
+                for r0, r1 in self._bands(ctx, progress, "post-processing", nq + nc):
+                    band = self._band_logits(ctx, lg, r0, r1)
+                    self._fill(r0, r1, band, head.scores(band, qc, nc), labels[r0:r1].to(lg.device), score, probs,
+                               logits, out_dev)
+        return {"labels": labels, "score": score, "probs": probs, "logits": logits}
+
+    @staticmethod
+    def _fill(r0: int, r1: int, band: torch.Tensor, scores: torch.Tensor, lab: torch.Tensor, score, probs, logits,
+              out_dev: torch.device) -> None:
+        total = scores.sum(dim=0, keepdim=True)  # class probabilities are renormalised to sum to 1 per pixel
+        if score is not None:
+            score[r0:r1] = (scores.gather(0, lab[None]) / total)[0].to(out_dev)
+        if probs is not None:
+            probs[:, r0:r1] = (scores / total).to(out_dev)
+        if logits is not None:
+            logits[:, r0:r1] = band.to(out_dev)
+
+    def _threshold(self, threshold: Any) -> float:
+        if threshold is None:
+            return float(self.cfg.threshold)
+        return unit_interval("threshold", threshold)
+
+    def _images(self, image: Any) -> Tuple[bool, List[Any]]:
+        batch = is_batch(image)
+        images = list(image) if batch else [image]
+        if not images:
+            raise InvalidInputError("no images given (empty list)")
+        return batch, images
+
+    def _masks(self, masks: Any, batch: bool, n: int) -> Optional[List[Any]]:
+        if masks is None:
+            return None
+        masks = list(masks) if batch else [masks]
+        if len(masks) != n:
+            raise InvalidInputError(f"got {len(masks)} masks for {n} images; give one label image per image")
+        return masks
 
     def predict(
         self,
@@ -290,27 +416,63 @@ class Segmenter:
         *,
         threshold: Optional[float] = None,
         return_logits: bool = False,
+        return_probs: bool = False,
         progress: bool = False,
+        masks: Any = None,
     ) -> Union[SegmentationResult, List[SegmentationResult]]:
         """Segment one image (path, PIL image, uint8 HxWx3 array, float (3, H, W) tensor in [0, 1]) or a list
         of them / a (B, 3, H, W) tensor (returns a list).
 
         Args:
             labels: list of class names; ``"sofa; couch"`` or ``["sofa", "couch"]`` gives synonyms.
-            threshold: pixels whose best class probability is below it go to ``labels[0]`` (the references'
-                ``prob_thd``; default: the method's, 0).
+            threshold: pixels whose best class score is below it go to ``labels[0]`` (the references'
+                ``prob_thd``; default: the method's). It compares the class score *before* renormalisation
+                (softmax over all queries, max over synonyms), so ``res.probs``/``res.score`` (renormalised over
+                classes) can be above it where the label was still set to ``labels[0]``.
             return_logits: also keep the per-query cosine logits (Q, H, W) (after PAMR when enabled).
-            progress: show a progress bar over windows.
+            return_probs: also keep the class probabilities (C, H, W) float32 (memory: 4·C·H·W bytes; off by
+                default, ``res.score`` always holds the probability of the chosen label).
+            progress: show progress bars over windows and over full-resolution post-processing.
+            masks: region masks for methods that use them (an int label image (H, W) per image).
         """
-        batch = is_batch(image)
-        images = list(image) if batch else [image]
-        if not images:
-            raise ValueError("no images given (empty list)")
+        batch, images = self._images(image)
         labelset = parse_labels(labels)
-        thd = self.cfg.threshold if threshold is None else threshold
-        if isinstance(thd, bool) or not isinstance(thd, (int, float)) or not 0.0 <= float(thd) <= 1.0:
-            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        head = Head(self.cfg.logit_scale, self._threshold(threshold), self.cfg.area_threshold)
+        masks = self._masks(masks, batch, len(images))
+        results = []
         with torch.inference_mode():
-            results = [self._finish(rgb, x, lg, labelset, float(thd), return_logits)
-                       for rgb, x, lg in self._infer(images, labelset, progress)]
+            contexts, logits = self._infer(images, labelset, progress, masks)
+            for ctx, lg in zip(contexts, logits):
+                out = self._finish(ctx, lg, labelset, head, return_logits=return_logits, return_probs=return_probs,
+                                   progress=progress)
+                results.append(SegmentationResult(
+                    label_map=out["labels"].numpy().astype(np.int32), labels=list(labelset.names),
+                    score=out["score"].numpy(), probs=None if out["probs"] is None else out["probs"].numpy(),
+                    image=ctx.rgb, logits=None if out["logits"] is None else out["logits"].numpy(),
+                    queries=list(labelset.queries)))
         return results if batch else results[0]
+
+    def predict_logits(self, image: Any, labels: Union[LabelSet, Sequence], *, masks: Any = None
+                       ) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Per-query cosine logits (Q, H, W) float32 at the input's size (after PAMR when enabled), on the model's
+        device — the tensor path for research and evaluation."""
+        batch, images = self._images(image)
+        labelset = parse_labels(labels)
+        with torch.inference_mode():
+            contexts, logits = self._infer(images, labelset, False, self._masks(masks, batch, len(images)))
+            out = [self._band_logits(ctx, lg, 0, ctx.size[0]) for ctx, lg in zip(contexts, logits)]
+        return out if batch else out[0]
+
+    def predict_label_map(self, image: Any, labels: Union[LabelSet, Sequence], *, threshold: Optional[float] = None,
+                          masks: Any = None) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Label maps (H, W) int64 on the model's device, with the full head and the strategy's refinement, and
+        nothing else kept: what evaluation needs."""
+        batch, images = self._images(image)
+        labelset = parse_labels(labels)
+        head = Head(self.cfg.logit_scale, self._threshold(threshold), self.cfg.area_threshold)
+        with torch.inference_mode():
+            contexts, logits = self._infer(images, labelset, False, self._masks(masks, batch, len(images)))
+            out = [self._finish(ctx, lg, labelset, head, on_device=True)["labels"]
+                   for ctx, lg in zip(contexts, logits)]
+        return out if batch else out[0]
+

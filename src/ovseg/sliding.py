@@ -5,12 +5,15 @@ upsampled to the (padded) window, the padding is cut away, and logits are averag
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["window_grid", "pad_amounts", "slide_inference", "as_pair"]
+from .errors import InvalidInputError, InvalidTypeError
+
+__all__ = ["window_grid", "pad_amounts", "slide_inference", "as_pair", "WindowBatch"]
 
 Pair = Tuple[int, int]
 
@@ -20,16 +23,16 @@ def as_pair(value: Union[int, Sequence[int], None], name: str) -> Optional[Pair]
     if value is None:
         return None
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+        raise InvalidTypeError(f"{name} must be an int or a (height, width) pair, got {value!r}")
     if isinstance(value, int):
         pair = (value, value)
     elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
                                                                        for v in value):
         pair = (int(value[0]), int(value[1]))
     else:
-        raise TypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
+        raise InvalidTypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
     if pair[0] <= 0 or pair[1] <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        raise InvalidInputError(f"{name} must be positive, got {value!r}")
     return pair
 
 
@@ -59,6 +62,23 @@ def pad_amounts(height: int, width: int, multiple: Optional[int]) -> Tuple[int, 
     return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
 
 
+@dataclass
+class WindowBatch:
+    """Where the windows of one forward call come from.
+
+    Attributes:
+        image_index: for each window, the index of its image in ``images``.
+        boxes: for each window, its (y1, y2, x1, x2) box in its image (before padding).
+        pad: (left, right, top, bottom) padding applied to every window of the batch.
+        aux: per-window crops of the auxiliary maps, (N, C, h + top + bottom, w + left + right) each.
+    """
+
+    image_index: List[int]
+    boxes: List[Tuple[int, int, int, int]]
+    pad: Tuple[int, int, int, int] = (0, 0, 0, 0)
+    aux: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def _batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -66,25 +86,30 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 def slide_inference(
     images: Sequence[torch.Tensor],
-    forward_fn: Callable[[torch.Tensor], torch.Tensor],
+    forward_fn: Callable[..., torch.Tensor],
     *,
     window: Optional[Pair],
     stride: Optional[Pair],
     pad_multiple: Optional[int] = None,
     batch_size: Union[int, Callable[[int, int], int]] = 8,
     progress: Optional[Callable[[int], None]] = None,
+    aux: Optional[Sequence[Mapping[str, Tuple[torch.Tensor, float]]]] = None,
+    with_context: bool = False,
 ) -> List[torch.Tensor]:
     """Average window logits over each image.
 
     Args:
         images: list of (3, H, W) tensors (sizes may differ), already normalised.
         forward_fn: (N, 3, h, w) windows of equal size -> (N, Q, h', w') logits on any grid; they are
-            upsampled bilinearly (align_corners False) to the padded window size.
+            upsampled bilinearly (align_corners False) to the padded window size. With ``with_context=True`` it is
+            called as ``forward_fn(crops, batch)`` with a :class:`WindowBatch`.
         window: (h, w) crop size, or None for whole-image inference (one window per image).
         stride: (h, w) step between windows (ignored in whole-image mode).
         pad_multiple: zero-pad each window to a multiple of this (ProxyCLIP: 56), cut away after.
         batch_size: windows per forward call, or a function of the padded window (height, width) giving it.
         progress: called with the number of windows finished after each batch.
+        aux: per image, maps cut into windows alongside it: ``{name: ((C, H, W) tensor, pad value)}``.
+        with_context: pass a :class:`WindowBatch` as the second argument of ``forward_fn``.
 
     Returns:
         list of (Q, H, W) float32 logits, one per image.
@@ -93,7 +118,7 @@ def slide_inference(
     jobs = []  # (image index, box)
     for i, img in enumerate(images):
         if img.dim() != 3:
-            raise ValueError(f"images must be (3, H, W), got {tuple(img.shape)}")
+            raise InvalidInputError(f"images must be (3, H, W), got {tuple(img.shape)}")
         h, w = img.shape[-2:]
         boxes = [(0, h, 0, w)] if window is None else window_grid(h, w, window, stride or window)
         jobs.extend((i, b) for b in boxes)
@@ -108,12 +133,22 @@ def slide_inference(
         left, right, top, bottom = pad_amounts(h, w, pad_multiple)
         bs = int(size_of(h + top + bottom, w + left + right))
         if bs < 1:
-            raise ValueError(f"batch_size must be >= 1, got {bs}")
+            raise InvalidInputError(f"batch_size must be >= 1, got {bs}")
         for batch in _batches(group, bs):
             crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2) in batch])
-            if left or right or top or bottom:
+            padded = bool(left or right or top or bottom)
+            if padded:
                 crops = F.pad(crops, (left, right, top, bottom))  # zero = CLIP mean colour
-            logits = forward_fn(crops)
+            if with_context:
+                info = WindowBatch([i for i, _ in batch], [b for _, b in batch], (left, right, top, bottom))
+                for key in (aux[batch[0][0]] if aux else {}):
+                    maps = torch.stack([aux[i][key][0][..., y1:y2, x1:x2] for i, (y1, y2, x1, x2) in batch])
+                    if padded:
+                        maps = F.pad(maps, (left, right, top, bottom), value=float(aux[batch[0][0]][key][1]))
+                    info.aux[key] = maps
+                logits = forward_fn(crops, info)
+            else:
+                logits = forward_fn(crops)
             for n, (i, (y1, y2, x1, x2)) in enumerate(batch):
                 win = F.interpolate(logits[n:n + 1].float(), size=crops.shape[-2:], mode="bilinear",
                                     align_corners=False)[0, :, top:top + h, left:left + w]

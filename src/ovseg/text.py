@@ -14,9 +14,12 @@ from typing import Callable, List, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidInputError
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["LabelSet", "parse_labels", "get_templates", "normalize_templates", "TextClassifier"]
+__all__ = ["LabelSet", "parse_labels", "get_templates", "check_templates", "normalize_templates", "TextClassifier",
+           "TEMPLATE_SETS"]
 
 LabelsLike = Union[str, Sequence[Union[str, Sequence[str]]]]
 
@@ -101,31 +104,41 @@ def normalize_templates(templates: Sequence[Union[str, Callable[[str], str]]]) -
     for t in templates:
         s = t("{}") if callable(t) else t
         if not isinstance(s, str) or "{}" not in s:
-            raise ValueError(f"template {t!r} must be a string containing '{{}}' for the label")
+            raise InvalidInputError(f"template {t!r} must be a string containing '{{}}' for the label")
         out.append(s)
     if not out:
-        raise ValueError("templates is empty")
+        raise InvalidInputError("templates is empty")
     return tuple(out)
+
+
+TEMPLATE_SETS = ("openai_imagenet", "simple_imagenet", "single", "identity")
+
+
+def check_templates(name: Union[str, Sequence]) -> Union[str, Tuple[str, ...]]:
+    """Validate a template choice without building it (no open_clip import): a known set name, one string with
+    ``{}``, or a sequence of such strings."""
+    if isinstance(name, str):
+        if name not in TEMPLATE_SETS and "{}" not in name:
+            raise InvalidInputError(f"unknown template set {name!r}; choose one of {list(TEMPLATE_SETS)} "
+                                    "or pass a list of strings containing '{}'")
+        return name
+    return normalize_templates(name)
 
 
 def get_templates(name: Union[str, Sequence] = "openai_imagenet") -> Tuple[str, ...]:
     """Named template sets: ``openai_imagenet`` (80, the references' default), ``simple_imagenet`` (7,
     open_clip's short set), ``single`` ("a photo of a {}."), ``identity`` ("{}"). A sequence is used as given."""
+    name = check_templates(name)
     if not isinstance(name, str):
-        return normalize_templates(name)
+        return name
+    if name not in TEMPLATE_SETS:
+        return normalize_templates([name])
+    if name in ("single", "identity"):
+        return normalize_templates({"single": ("a photo of a {}.",), "identity": ("{}",)}[name])
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-    table = {
-        "openai_imagenet": OPENAI_IMAGENET_TEMPLATES,
-        "simple_imagenet": SIMPLE_IMAGENET_TEMPLATES,
-        "single": ("a photo of a {}.",),
-        "identity": ("{}",),
-    }
-    if name not in table:
-        if "{}" in name:
-            return normalize_templates([name])
-        raise ValueError(f"unknown template set {name!r}; choose one of {sorted(table)} or pass a list of strings")
-    return normalize_templates(table[name])
+    return normalize_templates({"openai_imagenet": OPENAI_IMAGENET_TEMPLATES,
+                                "simple_imagenet": SIMPLE_IMAGENET_TEMPLATES}[name])
 
 
 class TextClassifier:
@@ -163,7 +176,7 @@ class TextClassifier:
 
     def _encode(self, queries: Sequence[str], templates: Tuple[str, ...]) -> torch.Tensor:
         prompts = [t.replace("{}", q) for q in queries for t in templates]
-        device = next(self.clip.model.parameters()).device
+        device = next(self.clip.parameters()).device
         chunks = []
         for i in range(0, len(prompts), self.batch_size):
             tokens = self.clip.tokenize(prompts[i:i + self.batch_size]).to(device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .pamr import pamr
 
@@ -32,17 +33,18 @@ def _src_index(out_len: int, in_len: int, start: int, stop: int, device) -> Tupl
 def resize_rows(x: torch.Tensor, size: Tuple[int, int], start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of ``F.interpolate(x[None], size, mode='bilinear', align_corners=False)[0]``.
 
-    x: (C, h, w) -> (C, stop - start, W), float32.
+    x: (C, h, w) -> (C, stop - start, W), float32. Bilinear interpolation is separable: the rows are interpolated
+    here with PyTorch's source-index rule, the columns by ``F.interpolate(mode='linear')`` (the same rule).
     """
     h_out, w_out = size
     c, h, w = x.shape
     x = x.float()
     y0, y1, ly = _src_index(h_out, h, start, stop, x.device)
-    x0, x1, lx = _src_index(w_out, w, 0, w_out, x.device)
     ly = ly.view(1, -1, 1)
     rows = x[:, y0] * (1 - ly) + x[:, y1] * ly  # (C, n, w)
-    lx = lx.view(1, 1, -1)
-    return rows[:, :, x0] * (1 - lx) + rows[:, :, x1] * lx  # (C, n, W)
+    if w == w_out:
+        return rows
+    return F.interpolate(rows, size=w_out, mode="linear", align_corners=False)  # (C, n, W)
 
 
 def row_bands(height: int, width: int, max_pixels: int = 1 << 21, min_rows: int = 32) -> Iterator[Tuple[int, int]]:

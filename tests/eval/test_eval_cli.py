@@ -58,8 +58,9 @@ def test_resume_reuses_written_predictions(voc, tmp_path, monkeypatch):
     import ovseg.segmenter as segmod
 
     calls = []
-    real = segmod.Segmenter.predict
-    monkeypatch.setattr(segmod.Segmenter, "predict", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    real = segmod.Segmenter.predict_label_map
+    monkeypatch.setattr(segmod.Segmenter, "predict_label_map",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     assert main(args + ["--resume"]) == 0
     assert len(calls) == 1
     again = json.loads((out / "voc21_naclip.json").read_text())

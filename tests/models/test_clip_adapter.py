@@ -130,7 +130,8 @@ def test_unknown_architecture_and_tag_messages():
 
 
 def test_local_checkpoint_formats_load(tmp_path):
-    """An open_clip state dict (.pt, 'state_dict' + 'module.' wrapped) and .safetensors load into the tiny arch."""
+    """An open_clip state dict (.pt, 'state_dict' + 'module.' wrapped) and .safetensors load into the tiny arch
+    when clip_tag says what they hold (GELU weights here: the source model is ViT-B-16 with GELU)."""
     from safetensors.torch import save_file
 
     src = create_clip("ViT-B-16", "random", seed=1, model_kwargs=TINY_CLIP)
@@ -138,10 +139,11 @@ def test_local_checkpoint_formats_load(tmp_path):
     torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 3}, tmp_path / "ckpt.pt")
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "ckpt.safetensors"))
     for f in ("ckpt.pt", "ckpt.safetensors"):
-        clip = create_clip("ViT-B-16", str(tmp_path / f), model_kwargs=TINY_CLIP)
+        clip = create_clip("ViT-B-16", str(tmp_path / f), tag="laion2b_s34b_b88k", model_kwargs=TINY_CLIP)
+        assert clip.activation == "gelu"
         for k, v in clip.model.state_dict().items():
             assert torch.equal(v, sd[k]), k
-    # OpenAI's format: extra metadata keys -> QuickGELU architecture
+    # OpenAI's format: extra metadata keys -> QuickGELU architecture, without clip_tag
     sd_openai = dict(sd, input_resolution=torch.tensor(224), context_length=torch.tensor(77),
                      vocab_size=torch.tensor(49408))
     torch.save(sd_openai, tmp_path / "openai.pt")
@@ -149,9 +151,10 @@ def test_local_checkpoint_formats_load(tmp_path):
     from open_clip.transformer import QuickGELU
 
     assert isinstance(clip.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
-    # wrong architecture -> clear error
-    with pytest.raises(ValueError, match="does not fit architecture"):
-        create_clip("ViT-B-16", str(tmp_path / "ckpt.pt"))
+    assert clip.activation == "quick_gelu" and clip.identity["tag"] == "openai"
+    # wrong architecture -> clear error naming counts
+    with pytest.raises(ValueError, match="does not fit architecture 'ViT-B-16'.*shape mismatches"):
+        create_clip("ViT-B-16", str(tmp_path / "ckpt.pt"), tag="laion2b_s34b_b88k")
 
 
 class _Payload:

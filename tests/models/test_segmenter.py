@@ -19,7 +19,7 @@ def segmenters():
 @pytest.mark.parametrize("method", ["clip", "maskclip", "sclip", "clearclip", "naclip", "proxyclip"])
 def test_every_method_end_to_end(segmenters, rgb_image, method):
     seg = segmenters[method]
-    res = seg.predict(rgb_image, LABELS)
+    res = seg.predict(rgb_image, LABELS, return_probs=True)
     assert isinstance(res, SegmentationResult)
     assert res.label_map.shape == rgb_image.shape[:2] and res.label_map.dtype == np.int32
     assert res.probs.shape == (4,) + rgb_image.shape[:2] and res.probs.dtype == np.float32
@@ -27,7 +27,8 @@ def test_every_method_end_to_end(segmenters, rgb_image, method):
     assert res.label_map.min() >= 0 and res.label_map.max() < 4
     np.testing.assert_allclose(res.probs.sum(0), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(res.label_map, res.probs.argmax(0))
-    again = seg.predict(rgb_image, LABELS)
+    np.testing.assert_array_equal(res.score, res.probs.max(0))  # the chosen label's probability
+    again = seg.predict(rgb_image, LABELS, return_probs=True)
     np.testing.assert_array_equal(res.label_map, again.label_map)
     np.testing.assert_array_equal(res.probs, again.probs)
     assert np.asarray(res.overlay()).shape == rgb_image.shape
@@ -37,9 +38,9 @@ def test_every_method_end_to_end(segmenters, rgb_image, method):
 def test_batch_equals_one_by_one(segmenters, rgb_image, method):
     seg = segmenters[method]
     other = np.ascontiguousarray(rgb_image[::-1, :200])  # a different size
-    batch = seg.predict([rgb_image, other, rgb_image], LABELS)
+    batch = seg.predict([rgb_image, other, rgb_image], LABELS, return_probs=True)
     for img, res in zip([rgb_image, other, rgb_image], batch):
-        single = seg.predict(img, LABELS)
+        single = seg.predict(img, LABELS, return_probs=True)
         np.testing.assert_allclose(res.probs, single.probs, rtol=1e-4, atol=1e-5)
         assert (res.label_map == single.label_map).mean() > 0.999
 
@@ -74,7 +75,7 @@ def test_text_cache_second_call_encodes_nothing(rgb_image):
 
 def test_synonyms_score_max_over_synonyms(segmenters, rgb_image):
     seg = segmenters["clip"]
-    res = seg.predict(rgb_image, ["a", "b; c", "d"], return_logits=True)
+    res = seg.predict(rgb_image, ["a", "b; c", "d"], return_logits=True, return_probs=True)
     p = torch.softmax(torch.from_numpy(res.logits) * 40.0, dim=0)
     scores = torch.stack([p[0], torch.maximum(p[1], p[2]), p[3]])
     np.testing.assert_allclose(res.probs, (scores / scores.sum(0)).numpy(), rtol=1e-5, atol=1e-6)
@@ -83,7 +84,7 @@ def test_synonyms_score_max_over_synonyms(segmenters, rgb_image):
 
 def test_threshold_moves_low_confidence_pixels_to_first_label(segmenters, rgb_image):
     seg = segmenters["clip"]
-    base = seg.predict(rgb_image, LABELS, return_logits=True)
+    base = seg.predict(rgb_image, LABELS, return_logits=True, return_probs=True)
     high = seg.predict(rgb_image, LABELS, threshold=0.99)
     best = base.probs.max(0)  # here no label has synonyms except 'sofa'; use raw scores
     p = torch.softmax(torch.from_numpy(base.logits) * 40.0, 0)
@@ -104,27 +105,28 @@ def test_whole_image_mode_and_option_overrides(rgb_image):
 def test_proxyclip_windows_are_padded_to_56_and_use_the_vfm_grid(rgb_image):
     seg = make_segmenter("proxyclip")
     shapes = []
-    orig = seg.forward_features
-    seg.forward_features = lambda crops: shapes.append((tuple(crops.shape), tuple(orig(crops).shape))) or orig(crops)
+    record = lambda mod, args, out: shapes.append((tuple(args[0].shape), tuple(out.shape)))  # noqa: E731
+    handle = seg.model.register_forward_hook(record)  # the dense model is a plain nn.Module: hooks just work
     seg.predict(rgb_image, LABELS)  # 181x263 -> short side 336: 336x488 -> windows 336x336
+    handle.remove()
     assert {s[0][1:] for s in shapes} == {(3, 336, 336)}
     assert {s[1][2:] for s in shapes} == {(42, 42)}  # DINO /8 grid, not the CLIP /16 grid
     seg2 = make_segmenter("proxyclip", short_side=100)  # image 100x145 < window: padded to 112x168
     shapes.clear()
-    seg2.forward_features = lambda crops: shapes.append(tuple(crops.shape)) or orig(crops)
+    seg2.model.register_forward_hook(record)
     res = seg2.predict(rgb_image, LABELS)
-    assert shapes == [(1, 3, 112, 168)] and res.label_map.shape == rgb_image.shape[:2]
+    assert [s[0] for s in shapes] == [(1, 3, 112, 168)] and res.label_map.shape == rgb_image.shape[:2]
 
 
 def test_non_square_windows_work_for_proxy(rgb_image):
     seg = make_segmenter("proxyclip", window=(224, 336), stride=(112, 112))
-    res = seg.predict(rgb_image, LABELS)
+    res = seg.predict(rgb_image, LABELS, return_probs=True)
     assert res.label_map.shape == rgb_image.shape[:2] and np.isfinite(res.probs).all()
 
 
 def test_uniform_image_gives_no_nan_with_proxy():
     seg = make_segmenter("proxyclip")
-    res = seg.predict(np.full((200, 300, 3), 128, np.uint8), LABELS)
+    res = seg.predict(np.full((200, 300, 3), 128, np.uint8), LABELS, return_probs=True)
     assert np.isfinite(res.probs).all()
 
 
@@ -192,8 +194,8 @@ def test_full_size_proxyclip_vit_b16_dino_b8():
     """Full-size ViT-B/16 + DINO-B/8: CLIP grid 21x21 and DINO grid 42x42 for a 336 window."""
     seg = Segmenter("proxyclip", clip_weights="random", vfm_weights="random", device="cpu", templates="single")
     grids = []
-    orig = seg.clip.forward_trunk
-    seg.clip.forward_trunk = lambda x: grids.append(orig(x)[1]) or orig(x)
+    orig = seg.clip.forward_intermediates
+    seg.clip.forward_intermediates = lambda x, collect=None: grids.append(orig(x, collect).grid) or orig(x, collect)
     img = (np.random.RandomState(0).rand(336, 336, 3) * 255).astype(np.uint8)
     with torch.inference_mode():
         feats = seg.forward_features(torch.randn(1, 3, 336, 336))
@@ -207,8 +209,8 @@ def test_full_size_proxyclip_vit_b16_dino_b8():
 def test_low_precision_autocast_runs_and_mostly_agrees(rgb_image, method, precision):
     fp32 = make_segmenter(method, pamr_steps=0)
     low = make_segmenter(method, pamr_steps=0, precision=precision)
-    a = fp32.predict(rgb_image, LABELS)
-    b = low.predict(rgb_image, LABELS)
+    a = fp32.predict(rgb_image, LABELS, return_probs=True)
+    b = low.predict(rgb_image, LABELS, return_probs=True)
     assert low.precision == precision and np.isfinite(b.probs).all()
     assert (a.label_map == b.label_map).mean() > 0.9
     assert not np.array_equal(a.probs, b.probs)  # the lower precision path really ran
@@ -220,11 +222,10 @@ def test_memory_budget_adapts_the_window_batch(rgb_image):
     assert small > big >= 1  # larger windows -> fewer per batch
     assert seg.window_bytes(336, 336) > seg.window_bytes(112, 112)
     calls = []
-    orig = seg.forward_features
-    seg.forward_features = lambda crops: calls.append(crops.shape[0]) or orig(crops)
-    res = seg.predict(rgb_image, LABELS)
+    seg.model.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    res = seg.predict(rgb_image, LABELS, return_probs=True)
     assert max(calls) <= big and sum(calls) == 3  # 336x488 -> 3 windows of 336
-    ref = make_segmenter("proxyclip").predict(rgb_image, LABELS)
+    ref = make_segmenter("proxyclip").predict(rgb_image, LABELS, return_probs=True)
     np.testing.assert_allclose(res.probs, ref.probs, rtol=1e-4, atol=1e-5)  # batching changes no result
     with pytest.raises(ValueError, match="memory_budget"):
         make_segmenter("proxyclip", memory_budget=-1)
@@ -233,8 +234,8 @@ def test_memory_budget_adapts_the_window_batch(rgb_image):
 @pytest.mark.skipif(not __import__("os").environ.get("OVSEG_TEST_COMPILE"),
                     reason="torch.compile takes minutes on CPU; set OVSEG_TEST_COMPILE=1")
 def test_compiled_forward_matches_eager(rgb_image):
-    eager = make_segmenter("naclip", pamr_steps=0).predict(rgb_image, LABELS)
-    comp = make_segmenter("naclip", pamr_steps=0, compile=True).predict(rgb_image, LABELS)
+    eager = make_segmenter("naclip", pamr_steps=0).predict(rgb_image, LABELS, return_probs=True)
+    comp = make_segmenter("naclip", pamr_steps=0, compile=True).predict(rgb_image, LABELS, return_probs=True)
     np.testing.assert_allclose(comp.probs, eager.probs, rtol=1e-3, atol=1e-4)
 
 
@@ -249,6 +250,5 @@ def test_nothing_accumulates_across_calls(rgb_image):
     for i in range(6):
         seg.predict(rgb_image[:60, :80], [f"a{i}", "b"])
     assert seg.text.cache_info()["size"] == 3  # LRU bound
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
-                for mod in (seg.clip, seg.vfm) for m in mod.modules())
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in seg.model.modules())
     assert hooks == 0

@@ -10,24 +10,11 @@ import torch.nn.functional as F
 import ovseg
 from ovseg.backbones import create_vfm, list_vfms
 
-from ..conftest import make_segmenter
-
-TINY_VIT = dict(embed_dim=48, depth=2, num_heads=2)
-TINY_SAM = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=[1])
-TINY_SD = {"unet": dict(block_out_channels=(32, 64, 64, 64), layers_per_block=1, cross_attention_dim=32,
-                        attention_head_dim=4, norm_num_groups=8),
-           "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)}
+from ..conftest import TINY_DINO as TINY_VIT
+from ..conftest import TINY_SAM, TINY_SD, make_segmenter, tiny_vfm_kwargs
 
 BUILTIN = [n for n in list_vfms()]
-
-
-def tiny_kwargs(name):
-    if name.startswith("sam"):
-        return TINY_SAM
-    if name.startswith("sd"):
-        pytest.importorskip("diffusers")
-        return TINY_SD
-    return TINY_VIT
+tiny_kwargs = tiny_vfm_kwargs
 
 
 def documented_grid(name, h, w):
@@ -217,7 +204,7 @@ def test_proxyclip_end_to_end_with_each_family(name, rgb_image):
     grids = []
     orig = seg.clip.forward_last_block
     seg.clip.forward_last_block = lambda *a, **k: (lambda r: grids.append(r[1]) or r)(orig(*a, **k))
-    res = seg.predict(rgb_image, ["cat", "sofa; couch", "floor"])
+    res = seg.predict(rgb_image, ["cat", "sofa; couch", "floor"], return_probs=True)
     assert res.label_map.shape == rgb_image.shape[:2] and np.isfinite(res.probs).all()
     assert set(grids) == {documented_grid(name, 336, 336)}  # the output lives on the VFM grid
 
@@ -230,3 +217,37 @@ def test_import_does_not_pull_optional_packages():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
     assert {"sd15", "sd21", "sam_b16", "mae_h14", "dinov2_g14_reg"} <= set(ovseg.list_vfms())
+
+
+def test_vfm_configs_take_release_files_and_statistics_from_timm():
+    import timm
+
+    from ovseg.backbones import get_vfm_cfg
+
+    checked = 0
+    for name in list_vfms():
+        cfg = get_vfm_cfg(name)
+        assert cfg is not None, f"{name} has no typed configuration"
+        r = cfg.resolved()
+        if cfg.timm_name:
+            pre = timm.models.get_pretrained_cfg(cfg.timm_name)
+            assert (r.release_url, r.mean, r.std) == (pre.url, tuple(pre.mean), tuple(pre.std)), name
+            assert cfg.release_url is None and cfg.mean is None  # nothing copied by hand
+            checked += 1
+    assert checked >= 18
+    files = {n: get_vfm_cfg(n).resolved().release_file for n in ("dino_b8", "dinov2_b14_reg", "sam_b16", "mae_b16")}
+    assert files == {"dino_b8": "dino_vitbase8_pretrain.pth", "dinov2_b14_reg": "dinov2_vitb14_reg4_pretrain.pth",
+                     "sam_b16": "sam_vit_b_01ec64.pth", "mae_b16": "mae_pretrain_vit_base.pth"}
+    sd = get_vfm_cfg("sd15").resolved()
+    assert sd.mean == sd.std == (0.5, 0.5, 0.5) and sd.hub_repo == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    built = create_vfm("dino_b8", "random", model_kwargs=tiny_kwargs("dino_b8"))
+    assert (tuple(built.mean), tuple(built.std)) == (get_vfm_cfg("dino_b8").resolved().mean,
+                                                     get_vfm_cfg("dino_b8").resolved().std)
+
+
+def test_sam_encoder_uses_the_release_layernorm_eps():
+    """Meta's SAM image encoder normalises with eps 1e-6 everywhere; timm's samvit constructor defaults to 1e-5,
+    which moves SAM's features by ~0.7 % on the same weights."""
+    vfm = create_vfm("sam_b16", "random", model_kwargs=TINY_SAM)
+    norms = [m for m in vfm.modules() if isinstance(m, torch.nn.LayerNorm) or type(m).__name__ == "LayerNorm2d"]
+    assert norms and {m.eps for m in norms} == {1e-6}

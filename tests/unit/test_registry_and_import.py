@@ -32,8 +32,8 @@ def test_missing_optional_dependency_names_the_extra():
 
 
 def test_import_is_light():
-    code = ("import sys, ovseg; heavy = [m for m in ('diffusers', 'transformers', 'timm', 'open_clip') "
-            "if m in sys.modules]; print(','.join(heavy))")
+    code = ("import sys, ovseg, ovseg.demo, ovseg.cli; heavy = [m for m in ('diffusers', 'transformers', 'timm', "
+            "'open_clip', 'gradio') if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
 

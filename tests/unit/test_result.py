@@ -13,7 +13,7 @@ def result():
     lm[90:, :] = 3  # label 2 absent
     img = np.full((120, 200, 3), 100, np.uint8)
     probs = np.zeros((4, 120, 200), np.float32)
-    return SegmentationResult(lm, probs, ["sky", "sofa", "cat", "floor"], image=img)
+    return SegmentationResult(lm, ["sky", "sofa", "cat", "floor"], probs=probs, image=img)
 
 
 def _colors(img):
@@ -70,7 +70,7 @@ def test_label_png_round_trip_and_mask(result, tmp_path):
 
 def test_many_labels_use_16_bit_png(tmp_path):
     lm = np.arange(300 * 4, dtype=np.int32).reshape(40, 30) % 300
-    r = SegmentationResult(lm, np.zeros((300, 40, 30), np.float32), [f"c{i}" for i in range(300)])
+    r = SegmentationResult(lm, [f"c{i}" for i in range(300)], probs=np.zeros((300, 40, 30), np.float32))
     p = r.save(tmp_path, "many")["labels"]
     np.testing.assert_array_equal(np.asarray(Image.open(p)).astype(np.int32), lm)
 

@@ -6,6 +6,7 @@ strategy needs), the strategy mixes the values, then ``out_proj``, optional resi
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -16,14 +17,30 @@ import torch.nn.functional as F
 
 from .._registry import suggest
 from ..attention import AttentionStrategy
+from ..errors import InvalidInputError, InvalidTypeError
 from ..pos_embed import interpolate_pos_embed
-from ..weights import WeightsUnavailableError, load_state_dict_file, muted_root_logger, resolve_path, seeded
+from ..weights import (
+    check_constructor,
+    is_torchscript_archive,
+    load_state_dict_file,
+    muted_root_logger,
+    parse_weights,
+    seeded,
+    strict_load,
+)
+from .clip_weights import (
+    OPENAI_EXTRA_KEYS,
+    download_hint,
+    fetch_tag_file,
+    find_checkpoint,
+    resolve_file_activation,
+    tag_activation,
+)
+from .hooks import Collect, Intermediates, attention_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CLIPAdapter", "create_clip", "list_clip_architectures"]
-
-_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "__torchscript__")
+__all__ = ["CLIPAdapter", "create_clip", "list_clip_architectures", "clip_activation"]
 
 
 def list_clip_architectures() -> list:
@@ -48,55 +65,101 @@ def _is_plain_vit_cfg(cfg: Optional[dict]) -> bool:
     )
 
 
-class CLIPAdapter(nn.Module):
-    """Wraps an open_clip ``CLIP`` model whose visual tower is open_clip's ``VisionTransformer``."""
+def clip_activation(model: nn.Module) -> str:
+    """The activation an open_clip model was built with, read from its modules: ``"quick_gelu"`` or ``"gelu"``
+    (``"+"``-joined if the towers differ, ``"none"`` if neither is found)."""
+    from open_clip.transformer import QuickGELU
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, arch: str = "custom", weights: str = "custom"):
+    kinds = set()
+    for m in model.modules():
+        if isinstance(m, QuickGELU):
+            kinds.add("quick_gelu")
+        elif isinstance(m, nn.GELU):
+            kinds.add("gelu" if m.approximate == "none" else f"gelu_{m.approximate}")
+    return "+".join(sorted(kinds)) or "none"
+
+
+class CLIPAdapter(nn.Module):
+    """Wraps an open_clip ``CLIP`` model whose visual tower is open_clip's ``VisionTransformer``.
+
+    Implements the :class:`ovseg.backbones.CLIPBackbone` protocol: the trunk with layer hooks
+    (:meth:`forward_intermediates`), per-block pieces (:meth:`qkv`, :meth:`attn_out`, :meth:`ffn`), the last block
+    with an attention strategy, the projection head and the text tower.
+
+    Attributes:
+        arch, weights: the architecture name and a short description of the weights (tag, path or "random").
+        activation: ``"quick_gelu"`` or ``"gelu"``, read from the built model.
+        identity: a JSON-able description of exactly which model this is (see :attr:`identity`).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, arch: str = "custom", weights: str = "custom",
+                 origin: Optional[Dict[str, Any]] = None):
         super().__init__()
         from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
         visual = getattr(model, "visual", None)
         if not isinstance(visual, VisionTransformer):
-            raise ValueError(
+            raise InvalidInputError(
                 f"CLIP architecture '{arch}' has a {type(visual).__name__} image tower; ovseg needs open_clip's "
                 "VisionTransformer (ViT-B-16, ViT-L-14, ViT-H-14, ...)"
             )
         if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
-            raise ValueError(f"CLIP architecture '{arch}' pools its tokens in a way ovseg does not support")
+            raise InvalidInputError(f"CLIP architecture '{arch}' pools its tokens in a way ovseg does not support")
+        if not all(isinstance(b, ResidualAttentionBlock) and not hasattr(b, "ln_1_kv")
+                   for b in visual.transformer.resblocks):
+            raise InvalidInputError(f"CLIP architecture '{arch}' uses custom attention blocks, not supported")
         last = visual.transformer.resblocks[-1]
-        if not isinstance(last, ResidualAttentionBlock) or hasattr(last, "ln_1_kv"):
-            raise ValueError(f"CLIP architecture '{arch}' uses custom attention blocks, not supported")
         self.model = model
         self.tokenizer = tokenizer
         self.arch = arch
         self.weights = weights
+        self.activation: str = clip_activation(model)
+        self._origin = dict(source="custom", tag=None, path=None, seed=None, model_kwargs=None)
+        self._origin.update(origin or {})
         self.patch_size: Tuple[int, int] = tuple(visual.patch_size)
         self.base_grid: Tuple[int, int] = tuple(visual.grid_size)
         self.width: int = visual.transformer.width
         self.num_heads: int = last.attn.num_heads
+        self.num_blocks: int = len(visual.transformer.resblocks)
         self.embed_dim: int = visual.output_dim
         # True: lay out the last block's projections like torch's MultiheadAttention slow path, which makes the
         # vanilla strategy bit-identical to open_clip's block; False (default): contiguous and much faster
         self.mha_layout = False
         self.eval()
 
+    @property
+    def identity(self) -> Dict[str, Any]:
+        """``{"arch", "source", "tag", "path", "activation", "seed", "model_kwargs"}``: ``source`` is ``"tag"``
+        (open_clip pretrained tag), ``"file"`` (local checkpoint; ``path`` absolute, ``tag`` the tag it holds
+        when known), ``"random"`` (``seed``) or ``"custom"`` (a model wrapped by hand); unused fields are None."""
+        return dict(arch=self.arch, source=self._origin["source"], tag=self._origin["tag"],
+                    path=self._origin["path"], activation=self.activation, seed=self._origin["seed"],
+                    model_kwargs=copy.deepcopy(self._origin["model_kwargs"]))
+
     # ------------------------------------------------------------------ image side
     @property
     def visual(self):
         return self.model.visual
+
+    def block(self, i: int) -> nn.Module:
+        """open_clip's ``ResidualAttentionBlock`` number ``i`` (0-based; negative counts from the end)."""
+        return self.visual.transformer.resblocks[i]
 
     def grid_size(self, height: int, width: int) -> Tuple[int, int]:
         """Token grid of an input: the conv stem floors, so trailing rows/columns get no token
         (docs/methods.md, "Sliding windows")."""
         return height // self.patch_size[0], width // self.patch_size[1]
 
-    def forward_trunk(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Embeddings and blocks 1..L−1. x: (B, 3, H, W) CLIP-normalised -> ((B, 1+gh·gw, D), (gh, gw))."""
+    def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Patch embedding, CLS, positional embedding (resized for the grid) and ``ln_pre``.
+
+        x: (B, 3, H, W) CLIP-normalised -> ((B, 1+gh·gw, D), (gh, gw)).
+        """
         vis = self.visual
         x = vis.conv1(x)  # (B, D, gh, gw)
         grid = (x.shape[-2], x.shape[-1])
         if grid[0] < 1 or grid[1] < 1:
-            raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than one {self.patch_size} patch")
+            raise InvalidInputError(f"input {tuple(x.shape[-2:])} is smaller than one {self.patch_size} patch")
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         cls = vis.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
@@ -104,32 +167,116 @@ class CLIPAdapter(nn.Module):
         patch_pos = interpolate_pos_embed(pos[1:], self.base_grid, grid)
         x = x + torch.cat([pos[:1], patch_pos], dim=0).to(x.dtype)
         x = vis.patch_dropout(x)
-        x = vis.ln_pre(x)
-        blocks = vis.transformer.resblocks
-        if torch.is_autocast_enabled(x.device.type):
+        return vis.ln_pre(x), grid
+
+    def forward_intermediates(self, x: torch.Tensor, collect: Optional[Collect] = None) -> Intermediates:
+        """Embeddings and blocks 1..L−1 (every block but the last), collecting what ``collect`` names.
+
+        Args:
+            x: (B, 3, H, W) CLIP-normalised.
+            collect: block outputs (``tokens``), per-head ``qkv`` and ``attn`` weights of blocks 0..L−2.
+
+        Returns:
+            :class:`Intermediates` whose ``x`` is the input of the last block, (B, 1+gh·gw, D).
+        """
+        collect = (collect or Collect()).resolved(self.num_blocks, limit=self.num_blocks - 1,
+                                                 owner=f"CLIP '{self.arch}'")
+        x, grid = self.embed(x)
+        out = Intermediates(x, grid, embed=x if collect.embed else None)
+        blocks = self.visual.transformer.resblocks[:-1]
+        explicit = set(collect.qkv) | set(collect.attn)
+        if torch.is_autocast_enabled(x.device.type) or explicit:
             # torch's MultiheadAttention leaves its fused fast path under autocast and projects a transposed
             # view, which F.linear turns into a huge expanded copy; the same block math, laid out contiguously
-            for blk in blocks[:-1]:
-                x = self._block(blk, x)
-            return x, grid
-        batch_first = getattr(vis.transformer, "batch_first", False)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        for blk in blocks[:-1]:
-            x = blk(x)  # open_clip's own block (fused MHA fast path in inference)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        return x, grid
+            for i in range(len(blocks)):
+                x, qkv, attn = self.run_block(i, x, want_qkv=i in collect.qkv, want_attn=i in collect.attn)
+                if qkv is not None:
+                    out.qkv[i] = qkv
+                if attn is not None:
+                    out.attn[i] = attn
+                if i in collect.tokens:
+                    out.tokens[i] = x
+        else:
+            batch_first = getattr(self.visual.transformer, "batch_first", False)
+            if not batch_first:
+                x = x.transpose(0, 1)
+            for i, blk in enumerate(blocks):
+                x = blk(x)  # open_clip's own block (fused MHA fast path in inference)
+                if i in collect.tokens:
+                    out.tokens[i] = x if batch_first else x.transpose(0, 1)
+            if not batch_first:
+                x = x.transpose(0, 1)
+        out.x = x
+        return out
+
+    def forward_trunk(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Embeddings and blocks 1..L−1. x: (B, 3, H, W) CLIP-normalised -> ((B, 1+gh·gw, D), (gh, gw))."""
+        out = self.forward_intermediates(x)
+        return out.x, out.grid
+
+    # per-block pieces, used by strategies that rebuild a block -----------------------------------
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> per head (B, nh, T, hd)."""
+        b, n, d = t.shape
+        return t.reshape(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def merge_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """Per head (B, nh, T, hd) -> (B, T, D)."""
+        b, nh, n, hd = t.shape
+        return t.transpose(1, 2).reshape(b, n, nh * hd)
+
+    def qkv(self, i: int, y: torch.Tensor, needs: str = "qkv") -> Tuple[Optional[torch.Tensor], ...]:
+        """Block ``i``'s in-projection of its normalised input ``y = ln_1(x)`` (B, T, D): per-head q, k, v
+        (B, nh, T, hd), computing only the ones named in ``needs`` (None for the others)."""
+        attn = self.block(i).attn
+        d = y.shape[-1]
+        w, bias = attn.in_proj_weight, attn.in_proj_bias
+        if set(needs) == {"q", "k", "v"}:
+            return tuple(self.heads(t) for t in F.linear(y, w, bias).chunk(3, dim=-1))
+        out = []
+        for j, name in enumerate("qkv"):
+            if name in needs:
+                out.append(self.heads(F.linear(y, w[j * d:(j + 1) * d],
+                                               None if bias is None else bias[j * d:(j + 1) * d])))
+            else:
+                out.append(None)
+        return tuple(out)
+
+    def attn_out(self, i: int, o: torch.Tensor) -> torch.Tensor:
+        """Block ``i``'s output projection of per-head attention outputs (B, nh, T, hd) -> (B, T, D)."""
+        attn = self.block(i).attn
+        return F.linear(self.merge_heads(o), attn.out_proj.weight, attn.out_proj.bias)
+
+    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i``'s second sub-block without its residual: ``ls_2(mlp(ln_2 x))``."""
+        blk = self.block(i)
+        return blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+    def run_block(
+        self, i: int, x: torch.Tensor, *, want_qkv: bool = False, want_attn: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], Optional[torch.Tensor]]:
+        """Block ``i`` (pre-LN, full attention) on (B, T, D) with contiguous projections.
+
+        Returns (output (B, T, D), (q, k, v) per head when ``want_qkv``, attention weights (B, nh, T, T) when
+        ``want_attn``). ``attn_mask``: boolean (True = allowed) or additive, broadcastable to (B, nh, T, T).
+        """
+        blk = self.block(i)
+        q, k, v = self.qkv(i, blk.ln_1(x))
+        weights = None
+        if want_attn:
+            weights = attention_weights(q, k, q.shape[-1] ** -0.5, attn_mask)
+            o = weights @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + blk.ls_1(self.attn_out(i, o))
+        x = x + self.ffn(i, x)
+        return x, ((q, k, v) if want_qkv else None), weights
 
     def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """open_clip's ResidualAttentionBlock (pre-LN, full attention) on (B, L, D) with contiguous projections."""
-        b, n, d = x.shape
-        nh = blk.attn.num_heads
-        qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, nh, d // nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hd)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        x = x + blk.ls_1(F.linear(a, blk.attn.out_proj.weight, blk.attn.out_proj.bias))
-        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        i = list(self.visual.transformer.resblocks).index(blk)
+        return self.run_block(i, x)[0]
 
     def forward_last_block(
         self,
@@ -146,53 +293,49 @@ class CLIPAdapter(nn.Module):
 
         x: (B, 1+gh·gw, D). Returns (tokens (B, L', D), output grid, whether token 0 is CLS).
         """
-        blk = self.visual.transformer.resblocks[-1]
+        blk = self.block(-1)
         attn = blk.attn
         b, n, d = x.shape
         nh, hd = self.num_heads, d // self.num_heads
         y = blk.ln_1(x)  # (B, L, D), contiguous: F.linear on a transposed view is pathologically slow
+        if strategy.uses_vfm and vfm_feats is None:
+            raise InvalidInputError(f"attention '{strategy.name}' needs VFM features (vfm_feats)")
         if self.mha_layout:  # torch MultiheadAttention's (L, B, D) layout: bit-identical to open_clip, slower
             y = y.transpose(0, 1)
-        w, bias = attn.in_proj_weight, attn.in_proj_bias
-        if strategy.needs == {"q", "k", "v"}:
-            q, k, v = F.linear(y, w, bias).chunk(3, dim=-1)
-        else:  # project only what the strategy reads
-            def _proj(i: int) -> Optional[torch.Tensor]:
-                if "qkv"[i] not in strategy.needs:
-                    return None
-                return F.linear(y, w[i * d:(i + 1) * d], None if bias is None else bias[i * d:(i + 1) * d])
-            q, k, v = _proj(0), _proj(1), _proj(2)
-
-        def heads(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            if t is None:
-                return None
-            if self.mha_layout:
-                return t.contiguous().view(n, b * nh, hd).transpose(0, 1).view(b, nh, n, hd)
-            return t.reshape(b, n, nh, hd).transpose(1, 2)  # (B, nh, L, hd)
-
-        if strategy.uses_vfm and vfm_feats is None:
-            raise ValueError(f"attention '{strategy.name}' needs VFM features (vfm_feats)")
-        out = strategy.fn(heads(q), heads(k), heads(v), scale=hd ** -0.5, grid=grid, vfm_feats=vfm_feats, **params)
+            w, bias = attn.in_proj_weight, attn.in_proj_bias
+            q, k, v = [None if name not in strategy.needs else
+                       F.linear(y, w[j * d:(j + 1) * d], None if bias is None else bias[j * d:(j + 1) * d])
+                       .contiguous().view(n, b * nh, hd).transpose(0, 1).view(b, nh, n, hd)
+                       for j, name in enumerate("qkv")]
+        else:
+            q, k, v = self.qkv(-1, y, "".join(sorted(strategy.needs)))
+        out = strategy.fn(q, k, v, scale=hd ** -0.5, grid=grid, vfm_feats=vfm_feats, **params)
         out_grid = tuple(vfm_feats.shape[-2:]) if strategy.uses_vfm else grid
         m = out.shape[2]
         if self.mha_layout:
             out = F.linear(out.permute(2, 0, 1, 3).reshape(m * b, d), attn.out_proj.weight, attn.out_proj.bias)
             out = out.view(m, b, d).transpose(0, 1)
         else:
-            out = out.transpose(1, 2).reshape(b, m, d)  # merge heads -> (B, L', D)
-            out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+            out = self.attn_out(-1, out)  # merge heads -> (B, L', D)
         if residual:
             if out.shape[1] != n:
-                raise ValueError(f"attention '{strategy.name}' changes the token count; it needs residual=False")
+                raise InvalidInputError(f"attention '{strategy.name}' changes the token count; "
+                                        "it needs residual=False")
             out = x + blk.ls_1(out)
         if ffn:
-            out = out + blk.ls_2(blk.mlp(blk.ln_2(out)))
+            out = out + self.ffn(-1, out)
         return out, out_grid, strategy.keeps_cls
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``ln_post`` then ``proj`` on every token: (B, L, D) -> (B, L, E)."""
         x = self.visual.ln_post(x)
         return x @ self.visual.proj if self.visual.proj is not None else x
+
+    def to_map(self, feats: torch.Tensor, grid: Tuple[int, int], *, has_cls: bool) -> torch.Tensor:
+        """Projected tokens (B, [1+]gh·gw, E) -> a dense map (B, E, gh, gw), CLS dropped."""
+        if has_cls:
+            feats = feats[:, 1:]
+        return feats.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], grid[0], grid[1])
 
     def forward_dense(
         self,
@@ -208,10 +351,7 @@ class CLIPAdapter(nn.Module):
         tokens, grid = self.forward_trunk(x)
         tokens, grid, has_cls = self.forward_last_block(
             tokens, grid, strategy, residual=residual, ffn=ffn, vfm_feats=vfm_feats, **params)
-        feats = self.project(tokens)
-        if has_cls:
-            feats = feats[:, 1:]
-        return feats.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], grid[0], grid[1])
+        return self.to_map(self.project(tokens), grid, has_cls=has_cls)
 
     # ------------------------------------------------------------------ text side
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -226,110 +366,120 @@ def _validate_arch(arch: str) -> None:
     import open_clip
 
     if not isinstance(arch, str):
-        raise TypeError(f"clip must be an open_clip architecture name (str), got {type(arch).__name__}")
+        raise InvalidTypeError(f"clip must be an open_clip architecture name (str), got {type(arch).__name__}")
     names = open_clip.list_models()
     if arch not in names:
-        raise ValueError(
+        raise InvalidInputError(
             f"unknown CLIP architecture '{arch}';{suggest(arch, names)} "
             "use an open_clip name such as 'ViT-B-16', 'ViT-L-14', 'ViT-H-14' (open_clip.list_models())"
         )
     if not _is_plain_vit_cfg(open_clip.get_model_config(arch)):
-        raise ValueError(
+        raise InvalidInputError(
             f"CLIP architecture '{arch}' does not have a plain ViT image tower; ovseg supports "
             "open_clip VisionTransformer models such as 'ViT-B-16', 'ViT-L-14', 'ViT-H-14'"
         )
 
 
-def _download_hint(arch: str, tag: str) -> str:
-    import open_clip
-
-    cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
-    where = []
-    if cfg.get("hf_hub"):
-        repo = cfg["hf_hub"].rstrip("/")
-        where.append(f"https://huggingface.co/{repo} (open_clip_model.safetensors or open_clip_pytorch_model.bin)")
-    if cfg.get("url"):
-        where.append(cfg["url"])
-    return " or ".join(where) if where else "the open_clip model zoo"
+def _validate_tag(arch: str, tag: Any, tags: Sequence[str]) -> None:
+    if not isinstance(tag, str):
+        raise InvalidTypeError(f"clip_tag must be an open_clip pretrained tag (str), got {type(tag).__name__}")
+    if tag not in tags:
+        raise InvalidInputError(
+            f"clip_tag '{tag}' is not a pretrained tag of '{arch}';{suggest(tag, tags)} "
+            f"tags for {arch}: {', '.join(tags) or '(none)'}"
+        )
 
 
 def create_clip(
     arch: str = "ViT-B-16",
     weights: Union[str, os.PathLike, None] = "openai",
     *,
+    tag: Optional[str] = None,
     device: Union[str, torch.device] = "cpu",
     seed: int = 0,
     cache_dir: Optional[str] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
 ) -> CLIPAdapter:
-    """Build an open_clip model and wrap it.
+    """Build an open_clip model with the activation its weights were trained with, and wrap it.
 
     Args:
-        arch: open_clip architecture name (``ViT-B-16``, ``ViT-L-14``, ``ViT-H-14``, ...).
-        weights: an open_clip pretrained tag (``openai``, ``laion2b_s32b_b79k``), a local checkpoint path
-            (OpenAI's TorchScript ``.pt``, an open_clip state dict, ``.safetensors``) or ``"random"``
-            (seeded random initialisation of the real architecture).
+        arch: open_clip architecture name (``ViT-B-16``, ``ViT-L-14``, ``ViT-H-14``, ``ViT-B-16-quickgelu``, ...).
+        weights: an open_clip pretrained tag (``openai``, ``laion2b_s32b_b79k``; ``None`` = ``openai``), a local
+            checkpoint (OpenAI's TorchScript ``.pt``, an open_clip state dict ``.pt/.bin``, ``.safetensors``) or a
+            folder holding one (a downloaded hub folder, a Hugging Face cache folder), or ``"random"`` (seeded
+            random initialisation of the real architecture).
+        tag: for a local checkpoint, the open_clip pretrained tag it holds (e.g. ``"openai"`` for the hub's
+            ``open_clip_pytorch_model.bin`` of OpenAI's ViT-B/16). Its pretrained config decides the activation.
+            Without it the file must be recognisable, or ``arch``'s tags must agree on the activation
+            (:mod:`ovseg.backbones.clip_weights`).
         device: where the model goes.
         seed: RNG seed for ``"random"``.
-        cache_dir: download cache (default: the hub's own cache).
+        cache_dir: Hugging Face download cache (default: the hub's own cache, ``HF_HUB_CACHE``).
         model_kwargs: extra open_clip model-config overrides (e.g. a smaller ``vision_cfg`` for tests).
+
+    Raises:
+        InvalidInputError: unknown architecture or tag, a file that does not fit ``arch``, or a file whose
+            activation cannot be decided (the message gives the call for each choice).
+        WeightsUnavailableError: a tag's file is neither cached nor downloadable (the message names the file,
+            where to get it and the exact call that loads it).
     """
     import open_clip
 
     _validate_arch(arch)
-    weights = "openai" if weights is None else weights
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag is not None:
+        _validate_tag(arch, tag, tags)
+    src = parse_weights(weights, option="clip_weights", tags=tags, what=f"'{arch}'")
+    if src.kind == "default":
+        if "openai" not in tags:
+            raise InvalidInputError(f"'{arch}' has no 'openai' weights; pass clip_weights= one of its pretrained "
+                                    f"tags: {', '.join(tags) or '(none)'}")
+        src = parse_weights("openai", option="clip_weights", tags=tags)
     kwargs = dict(model_kwargs or {})
-    quick_gelu = False
-    state_dict = None
-    if isinstance(weights, (str, os.PathLike)) and str(weights) == "random":
-        desc = "random"
-    elif isinstance(weights, str) and weights in open_clip.list_pretrained_tags_by_model(arch):
-        desc = weights
-        quick_gelu = bool((open_clip.get_pretrained_cfg(arch, weights) or {}).get("quick_gelu", False))
-        logger.info("loading CLIP %s / %s", arch, weights)
-        try:
-            with muted_root_logger():
-                model = open_clip.create_model(arch, pretrained=weights, force_quick_gelu=quick_gelu,
-                                               cache_dir=cache_dir, **kwargs)
-        except Exception as e:  # download impossible: offline, no cache, hub error
-            raise WeightsUnavailableError(
-                f"could not load CLIP '{arch}' weights '{weights}' ({type(e).__name__}). Download "
-                f"{_download_hint(arch, weights)} on a connected machine and pass its local path with "
-                f"clip_weights=PATH (CLI: --clip-weights PATH)."
-            ) from None
-    elif isinstance(weights, (str, os.PathLike)) and (os.sep in str(weights) or os.path.splitext(str(weights))[1]
-                                                      or os.path.exists(os.path.expanduser(str(weights)))):
-        path = resolve_path(weights, "clip_weights")
-        state_dict = load_state_dict_file(path, option="clip_weights")
-        quick_gelu = any(k in state_dict for k in _OPENAI_EXTRA_KEYS) or arch.endswith("quickgelu")
-        desc = str(path)
+    state_dict, file = None, None
+    if src.kind == "random":
+        if tag is not None:
+            raise InvalidInputError(
+                f"clip_tag '{tag}' names the weights a local file holds; it does not combine with "
+                f"clip_weights='random' (for random weights with QuickGELU use clip='{arch}-quickgelu' or the like)")
+        quick_gelu, desc = False, "random"
+        origin = dict(source="random", seed=seed)
+    elif src.kind == "tag":
+        if tag is not None and tag != src.tag:
+            raise InvalidInputError(f"clip_tag '{tag}' contradicts clip_weights '{src.tag}'; clip_tag is for local "
+                                    f"files (clip_weights=PATH, clip_tag=TAG)")
+        quick_gelu, desc = tag_activation(arch, src.tag) == "quick_gelu", src.tag
+        origin = dict(source="tag", tag=src.tag)
+        # a model_kwargs typo surfaces as the constructor's own error, before any download
+        check_constructor(lambda: open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu,
+                                                         device="meta", **kwargs), kwargs)
+        file = fetch_tag_file(arch, src.tag, cache_dir=cache_dir)
+        logger.info("loading CLIP %s / %s from %s", arch, src.tag, file)
     else:
-        tags = open_clip.list_pretrained_tags_by_model(arch)
-        raise ValueError(
-            f"clip_weights '{weights}' is not a pretrained tag of '{arch}', an existing file, or 'random';"
-            f"{suggest(str(weights), tags)} tags for {arch}: {', '.join(tags) or '(none)'}"
-        )
+        file = find_checkpoint(src.path)
+        desc = str(src.path)
+        state_dict = load_state_dict_file(file, option="clip_weights")
+        quick_gelu, found_tag, reason = resolve_file_activation(
+            arch, file, list(state_dict), tag=tag, torchscript=is_torchscript_archive(file))
+        origin = dict(source="file", tag=found_tag, path=str(file))
+        logger.info("loading CLIP %s from %s with %s (%s)", arch, file, "QuickGELU" if quick_gelu else "GELU", reason)
 
-    if desc == "random" or state_dict is not None:
-        with seeded(seed), muted_root_logger():  # open_clip warns "initialized randomly" on the root logger
-            model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu, **kwargs)
-    if state_dict is not None:
-        for key in _OPENAI_EXTRA_KEYS:
+    if file is not None and "quick_gelu" in kwargs and bool(kwargs["quick_gelu"]) != quick_gelu:
+        raise InvalidInputError(
+            f"model_kwargs quick_gelu={kwargs['quick_gelu']} contradicts the weights '{desc}', which need "
+            f"{'QuickGELU' if quick_gelu else 'GELU'}; remove it (clip_tag says what a local file holds)")
+    with seeded(seed), muted_root_logger():  # open_clip warns "initialized randomly" on the root logger
+        model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=quick_gelu, **kwargs)
+    if file is not None:
+        if state_dict is None:
+            state_dict = load_state_dict_file(file, option="clip_weights")
+        for key in OPENAI_EXTRA_KEYS:
             state_dict.pop(key, None)
-        try:
-            missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        except RuntimeError as e:  # shape mismatch
-            raise ValueError(
-                f"clip_weights '{weights}' does not fit architecture '{arch}': "
-                f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}. "
-                "Pass the matching clip= architecture name."
-            ) from None
-        if missing or unexpected:
-            raise ValueError(
-                f"clip_weights '{weights}' does not fit architecture '{arch}': {len(missing)} missing keys "
-                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
-                "Pass the matching clip= architecture name."
-            )
+        expected = (f"the release file of '{arch}' / '{src.tag}' ({download_hint(arch, src.tag)})"
+                    if src.kind == "tag" else f"a checkpoint of '{arch}' (or pass the matching clip= architecture)")
+        strict_load(model, state_dict, option="clip_weights", value=desc, target=f"architecture '{arch}'",
+                    expected=expected)
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(arch)
-    return CLIPAdapter(model, tokenizer, arch=arch, weights=desc).to(device)
+    origin["model_kwargs"] = copy.deepcopy(kwargs) or None
+    return CLIPAdapter(model, tokenizer, arch=arch, weights=desc, origin=origin).to(device)

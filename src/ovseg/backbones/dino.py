@@ -9,13 +9,10 @@ from typing import Dict
 
 import torch
 
-from .base import register_vfm
+from .base import VFMCfg, register_vfm
 from .timm_vit import TimmViTFeatures, build_timm_vit
 
 __all__ = ["TimmViTFeatures", "convert_dino"]
-
-_URL = "https://dl.fbaipublicfiles.com/dino/{stem}/{stem}.pth"
-
 
 def convert_dino(sd: Dict[str, torch.Tensor], model=None) -> Dict[str, torch.Tensor]:
     """DINO's backbone release files already use timm's names; full training checkpoints keep the teacher
@@ -33,16 +30,13 @@ def convert_dino(sd: Dict[str, torch.Tensor], model=None) -> Dict[str, torch.Ten
 
 
 _VARIANTS = {
-    # name: (timm model, release file stem, description)
-    "dino_s16": ("vit_small_patch16_224.dino", "dino_deitsmall16_pretrain", "DINO ViT-S/16"),
-    "dino_s8": ("vit_small_patch8_224.dino", "dino_deitsmall8_pretrain", "DINO ViT-S/8"),
-    "dino_b16": ("vit_base_patch16_224.dino", "dino_vitbase16_pretrain", "DINO ViT-B/16"),
-    "dino_b8": ("vit_base_patch8_224.dino", "dino_vitbase8_pretrain", "DINO ViT-B/8 (ProxyCLIP default)"),
+    # name: (timm model, description); release files, URLs and normalisation come from timm's pretrained configs
+    "dino_s16": ("vit_small_patch16_224.dino", "DINO ViT-S/16"),
+    "dino_s8": ("vit_small_patch8_224.dino", "DINO ViT-S/8"),
+    "dino_b16": ("vit_base_patch16_224.dino", "DINO ViT-B/16"),
+    "dino_b8": ("vit_base_patch8_224.dino", "DINO ViT-B/8 (ProxyCLIP default)"),
 }
 
-for _name, (_timm, _stem, _doc) in _VARIANTS.items():
-    register_vfm(
-        _name, build_timm_vit, doc=f"{_doc}: last-layer normed patch tokens",
-        timm_name=_timm, release_file=f"{_stem}.pth", release_url=_URL.format(stem=_stem), vfm_name=_name,
-        pos_mode="legacy", convert=convert_dino,
-    )
+for _name, (_timm, _doc) in _VARIANTS.items():
+    register_vfm(VFMCfg(_name, build_timm_vit, doc=f"{_doc}: last-layer normed patch tokens", timm_name=_timm,
+                        pos_mode="legacy", convert=convert_dino))

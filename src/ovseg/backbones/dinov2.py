@@ -11,13 +11,10 @@ from typing import Dict
 
 import torch
 
-from .base import register_vfm
+from .base import VFMCfg, register_vfm
 from .timm_vit import build_timm_vit
 
 __all__ = ["convert_dinov2"]
-
-_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{s}14/{file}"
-
 
 def convert_dinov2(sd: Dict[str, torch.Tensor], model) -> Dict[str, torch.Tensor]:
     """Meta's release layout (``mask_token``, ``register_tokens``, ``mlp.w12``/``w3`` for giant) -> timm, using
@@ -31,12 +28,8 @@ _SIZES = {"s": ("small", "ViT-S/14"), "b": ("base", "ViT-B/14"), "l": ("large", 
 
 for _s, (_timm_size, _desc) in _SIZES.items():
     for _reg in (False, True):
-        _name = f"dinov2_{_s}14" + ("_reg" if _reg else "")
-        _file = f"dinov2_vit{_s}14" + ("_reg4" if _reg else "") + "_pretrain.pth"
-        register_vfm(
-            _name, build_timm_vit,
+        register_vfm(VFMCfg(
+            f"dinov2_{_s}14" + ("_reg" if _reg else ""), build_timm_vit,
             doc=f"DINOv2 {_desc}" + (" with 4 registers" if _reg else "") + ": last-layer normed patch tokens",
             timm_name=f"vit_{_timm_size}_patch14_{'reg4_' if _reg else ''}dinov2.lvd142m",
-            release_file=_file, release_url=_URL.format(s=_s, file=_file), vfm_name=_name,
-            pos_mode="antialias" if _reg else "legacy", convert=convert_dinov2,
-        )
+            pos_mode="antialias" if _reg else "legacy", convert=convert_dinov2))

@@ -9,26 +9,20 @@ from typing import Dict
 
 import torch
 
-from .base import register_vfm
+from .base import VFMCfg, register_vfm
 from .timm_vit import build_timm_vit
 
 __all__ = ["convert_mae"]
-
-_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/{file}"
-
 
 def convert_mae(sd: Dict[str, torch.Tensor], model=None) -> Dict[str, torch.Tensor]:
     """The encoder keys already match timm; a decoder (visualisation checkpoints) is dropped."""
     return {k: v for k, v in sd.items() if not k.startswith("decoder") and k != "mask_token"}
 
 
-for _name, _timm, _file, _desc in (
-    ("mae_b16", "vit_base_patch16_224.mae", "mae_pretrain_vit_base.pth", "MAE ViT-B/16"),
-    ("mae_l16", "vit_large_patch16_224.mae", "mae_pretrain_vit_large.pth", "MAE ViT-L/16"),
-    ("mae_h14", "vit_huge_patch14_224.mae", "mae_pretrain_vit_huge.pth", "MAE ViT-H/14"),
+for _name, _timm, _desc in (
+    ("mae_b16", "vit_base_patch16_224.mae", "MAE ViT-B/16"),
+    ("mae_l16", "vit_large_patch16_224.mae", "MAE ViT-L/16"),
+    ("mae_h14", "vit_huge_patch14_224.mae", "MAE ViT-H/14"),
 ):
-    register_vfm(
-        _name, build_timm_vit, doc=f"{_desc}: all blocks + final norm, patch tokens",
-        timm_name=_timm, release_file=_file, release_url=_URL.format(file=_file), vfm_name=_name,
-        pos_mode="size", convert=convert_mae,
-    )
+    register_vfm(VFMCfg(_name, build_timm_vit, doc=f"{_desc}: all blocks + final norm, patch tokens", timm_name=_timm,
+                        pos_mode="size", convert=convert_mae))

@@ -8,19 +8,17 @@ converter; prompt encoder and mask decoder are ignored).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import VFM, register_vfm
+from .base import VFM, VFMCfg, register_vfm
 from .timm_vit import create_timm_model
 
 __all__ = ["SAMFeatures", "build_sam"]
-
-_URL = "https://dl.fbaipublicfiles.com/segment_anything/{file}"
-
 
 class SAMFeatures(VFM):
     """SAM ViT image encoder + neck as a VFM with a fixed (input_size/16)² grid."""
@@ -52,19 +50,24 @@ def convert_sam(sd: Dict[str, torch.Tensor], model=None) -> Dict[str, torch.Tens
     return checkpoint_filter_fn(sd, model)
 
 
-def build_sam(*, timm_name: str, release_file: str, weights: Any = None, seed: int = 0,
-              model_kwargs: Optional[Dict[str, Any]] = None, vfm_name: str = "sam") -> SAMFeatures:
-    kwargs = dict(num_classes=0)
-    kwargs.update(model_kwargs or {})
-    vit = create_timm_model(timm_name=timm_name, release_file=release_file, release_url=_URL.format(file=release_file),
-                            weights=weights, seed=seed, kwargs=kwargs, vfm_name=vfm_name, convert=convert_sam)
-    return SAMFeatures(vit, name=vfm_name)
+def build_sam(*, cfg: VFMCfg, weights: Any = None, seed: int = 0,
+              model_kwargs: Optional[Dict[str, Any]] = None) -> SAMFeatures:
+    """SAM's image encoder (timm ``samvit``) of ``cfg`` as a VFM; Meta's release files load directly."""
+    # Meta's image encoder uses LayerNorm eps 1e-6; timm's samvit constructor defaults to nn.LayerNorm (1e-5), a
+    # 0.7 % difference on SAM's values: ask for the release's eps explicitly
+    kwargs = dict(num_classes=0, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    vit = create_timm_model(timm_name=cfg.timm_name, release_file=cfg.release_file, release_url=cfg.release_url,
+                            weights=weights, seed=seed, kwargs=kwargs, model_kwargs=model_kwargs,
+                            vfm_name=cfg.name, convert=cfg.convert)
+    feats = SAMFeatures(vit, name=cfg.name)
+    feats.mean, feats.std = tuple(cfg.mean), tuple(cfg.std)
+    return feats
 
 
-for _name, _timm, _file, _desc in (
-    ("sam_b16", "samvit_base_patch16.sa1b", "sam_vit_b_01ec64.pth", "SAM ViT-B"),
-    ("sam_l16", "samvit_large_patch16.sa1b", "sam_vit_l_0b3195.pth", "SAM ViT-L"),
-    ("sam_h16", "samvit_huge_patch16.sa1b", "sam_vit_h_4b8939.pth", "SAM ViT-H"),
+for _name, _timm, _desc in (
+    ("sam_b16", "samvit_base_patch16.sa1b", "SAM ViT-B"),
+    ("sam_l16", "samvit_large_patch16.sa1b", "SAM ViT-L"),
+    ("sam_h16", "samvit_huge_patch16.sa1b", "SAM ViT-H"),
 ):
-    register_vfm(_name, build_sam, doc=f"{_desc} image encoder: 256-channel neck output at 64x64",
-                 timm_name=_timm, release_file=_file, vfm_name=_name)
+    register_vfm(VFMCfg(_name, build_sam, doc=f"{_desc} image encoder: 256-channel neck output at 64x64",
+                        timm_name=_timm, convert=convert_sam))

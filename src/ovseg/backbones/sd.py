@@ -11,17 +11,15 @@ the UNet stops there. diffusers and transformers are imported only when an SD VF
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import PathNotFoundError, WeightsUnavailableError
-from ..weights import seeded
-from .base import VFM, register_vfm
+from ..errors import InvalidInputError
+from ..weights import check_hub_reachable, download_errors, downloading, offline_mode, parse_weights, seeded
+from .base import VFM, VFMCfg, register_vfm
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +101,39 @@ class SDFeatures(VFM):
         return captured["f"]
 
 
-def _components_from_pretrained(source: str, cache_dir: Optional[str] = None):
+def _components_from_pretrained(source: str, cache_dir: Optional[str] = None, local_files_only: bool = False):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    kw = dict(cache_dir=cache_dir) if cache_dir else {}
+    kw: Dict[str, Any] = dict(cache_dir=cache_dir) if cache_dir else {}
+    if local_files_only:
+        kw["local_files_only"] = True
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kw)
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw)
     tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
     text = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)
     return vae, unet, tok, text
+
+
+def _from_hub(repo_id: str, vfm_name: str, cache_dir: Optional[str] = None):
+    """The four components from the Hugging Face cache without network when they are all there; otherwise one
+    connection check (no retries) and then diffusers' download. Only download/IO failures become the
+    WeightsUnavailableError."""
+    try:
+        return _components_from_pretrained(repo_id, cache_dir, local_files_only=True)
+    except download_errors():  # not (completely) cached
+        pass
+    load = (f'Segmenter("proxyclip", vfm="{vfm_name}", vfm_weights=PATH) '
+            f"(CLI: --vfm {vfm_name} --vfm-weights PATH)")
+    fetch = (f"the repo's vae/, unet/, text_encoder/ and tokenizer/ folders from https://huggingface.co/{repo_id} "
+             f"(hf download {repo_id} --local-dir PATH; older huggingface_hub: huggingface-cli download)")
+    with downloading(f"VFM '{vfm_name}' (Hugging Face repo '{repo_id}')", fetch=fetch, load=load,
+                     cache_dir=cache_dir):
+        if offline_mode():
+            raise FileNotFoundError(f"{repo_id} is not (completely) in the Hugging Face cache")
+        check_hub_reachable(repo_id, "model_index.json")
+        logger.info("downloading %s from the Hugging Face hub", repo_id)
+        return _components_from_pretrained(repo_id, cache_dir)
 
 
 @torch.no_grad()
@@ -122,50 +143,43 @@ def _empty_prompt(tokenizer, text_encoder) -> torch.Tensor:
     return text_encoder(ids)[0].detach()  # (1, 77, D)
 
 
-def build_sd(*, repo_id: str, unet: Dict[str, Any], vae: Dict[str, Any], weights: Any = None, seed: int = 0,
-             model_kwargs: Optional[Dict[str, Any]] = None, block: int = 0, scale: float = 2.0,
-             vfm_name: str = "sd") -> SDFeatures:
-    """``weights``: None (``repo_id`` from the Hugging Face hub), a local diffusers folder, a single-file
-    ``.safetensors`` checkpoint, or ``"random"`` (``model_kwargs={"unet": {...}, "vae": {...}}`` override the
-    configs)."""
+def build_sd(*, cfg: VFMCfg, weights: Any = None, seed: int = 0, model_kwargs: Optional[Dict[str, Any]] = None,
+             block: int = 0, scale: float = 2.0) -> SDFeatures:
+    """``weights``: None (the hub repository of ``cfg``), a local diffusers folder, a single-file ``.safetensors``
+    checkpoint, or ``"random"`` (``model_kwargs={"unet": {...}, "vae": {...}}`` override the configs)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    repo_id, unet, vae, vfm_name = cfg.options["repo_id"], cfg.options["unet"], cfg.options["vae"], cfg.name
+
     model_kwargs = dict(model_kwargs or {})
-    if isinstance(weights, str) and weights == "random":
+    src = parse_weights(weights, option="vfm_weights", what=f"VFM '{vfm_name}'")
+    unknown = sorted(set(model_kwargs) - {"unet", "vae"})
+    if unknown:
+        raise InvalidInputError(f"model_kwargs of VFM '{vfm_name}' take 'unet' and 'vae' config overrides; got "
+                                f"{unknown}")
+    if model_kwargs and src.kind != "random":
+        raise InvalidInputError(f"model_kwargs of VFM '{vfm_name}' only apply to vfm_weights='random' (pretrained "
+                                "components come with their own configs)")
+    if src.kind == "random":
         ucfg = dict(unet, **model_kwargs.get("unet", {}))
         vcfg = dict(vae, **model_kwargs.get("vae", {}))
         with seeded(seed):
             vae_m = AutoencoderKL(**vcfg)
             unet_m = UNet2DConditionModel(**ucfg)
             prompt = torch.randn(1, 77, ucfg["cross_attention_dim"])
-    elif weights is None:
-        try:
-            vae_m, unet_m, tok, text = _components_from_pretrained(repo_id)
-        except Exception as e:
-            raise WeightsUnavailableError(
-                f"could not load the weights of VFM '{vfm_name}' from the Hugging Face repo '{repo_id}' "
-                f"({type(e).__name__}). On a connected machine download the repo's vae/, unet/, text_encoder/ "
-                f"and tokenizer/ folders (e.g. huggingface-cli download {repo_id}) and pass the folder with "
-                "vfm_weights=PATH (CLI: --vfm-weights PATH)."
-            ) from None
-        prompt = _empty_prompt(tok, text)
-        del text
     else:
-        if not isinstance(weights, (str, os.PathLike)):
-            raise TypeError(f"vfm_weights must be None, 'random' or a path, got {type(weights).__name__}")
-        path = Path(os.path.expanduser(str(weights)))
-        if path.is_dir():
-            vae_m, unet_m, tok, text = _components_from_pretrained(str(path))
-        elif path.is_file():
-            if path.suffix != ".safetensors":
-                raise ValueError(f"vfm_weights '{weights}': single-file SD checkpoints must be .safetensors "
-                                 "(pickled .ckpt files are not loaded); or pass a diffusers folder")
+        if src.kind == "default":
+            vae_m, unet_m, tok, text = _from_hub(repo_id, vfm_name)
+        elif src.path.is_dir():
+            vae_m, unet_m, tok, text = _components_from_pretrained(str(src.path))
+        else:
+            if src.path.suffix != ".safetensors":
+                raise InvalidInputError(f"vfm_weights '{weights}': single-file SD checkpoints must be .safetensors "
+                                        "(pickled .ckpt files are not loaded); or pass a diffusers folder")
             from diffusers import StableDiffusionPipeline
 
-            pipe = StableDiffusionPipeline.from_single_file(str(path))
+            pipe = StableDiffusionPipeline.from_single_file(str(src.path))
             vae_m, unet_m, tok, text = pipe.vae, pipe.unet, pipe.tokenizer, pipe.text_encoder
-        else:
-            raise PathNotFoundError(f"vfm_weights: SD folder or file not found: '{weights}'")
         prompt = _empty_prompt(tok, text)
         del text
     vae_m.decoder = None  # only the encoder is used
@@ -173,6 +187,6 @@ def build_sd(*, repo_id: str, unet: Dict[str, Any], vae: Dict[str, Any], weights
 
 
 for _name, _cfg in SD_CONFIGS.items():
-    register_vfm(_name, build_sd, requires=(("diffusers", "sd"), ("transformers", "sd")),
-                 doc=f"Stable Diffusion {_name[2]}.{_name[3]} UNet decoder features (1280 ch, 22x22 at 336)",
-                 vfm_name=_name, **_cfg)
+    register_vfm(VFMCfg(_name, build_sd, requires=(("diffusers", "sd"), ("transformers", "sd")),
+                        doc=f"Stable Diffusion {_name[2]}.{_name[3]} UNet decoder features (1280 ch, 22x22 at 336)",
+                        mean=SDFeatures.mean, std=SDFeatures.std, options=_cfg))

@@ -7,9 +7,10 @@ and split on ", ", ProxyCLIP splits on "; " and uses ADE-847's comma-separated n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from importlib import resources
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from ..text import LabelSet
 
@@ -26,10 +27,12 @@ class EvalPreset:
     threshold: float = 0.0
     logit_scale: float = 40.0
     note: str = ""
+    area_threshold: float = 0.0
+    options: Mapping[str, Any] = field(default_factory=dict)  # the method's strategy options for this dataset
 
 
-def _p(cls, sep, short, window, stride, thd=0.0, scale=40.0, note=""):
-    return EvalPreset(cls, sep, short, window, stride, thd, scale, note)
+def _p(cls, sep, short, window, stride, thd=0.0, scale=40.0, note="", **kw):
+    return EvalPreset(cls, sep, short, window, stride, thd, scale, note, **kw)
 
 
 _PROXY = "; "
@@ -58,7 +61,7 @@ NACLIP: Dict[str, EvalPreset] = {
     "coco_stuff": _p("shared_coco_stuff.txt", _NAC, 336, 224, 112, note="NACLIP v2 (v1 used a 448 short side)"),
 }
 SCLIP: Dict[str, EvalPreset] = {
-    "voc21": _p("naclip/voc21.txt", _NAC, 336, 224, 112, 0.1, 65.0, note="SCLIP's area filter is not applied"),
+    "voc21": _p("naclip/voc21.txt", _NAC, 336, 224, 112, 0.1, 65.0, area_threshold=0.1),
     "context60": _p("shared_context60.txt", _NAC, 336, 224, 112, 0.1, 50.0),
     "coco_object": _p("naclip/coco_object.txt", _NAC, 336, 224, 112, 0.1, 50.0),
     "voc20": _p("naclip/voc20.txt", _NAC, 336, 224, 112),
@@ -68,8 +71,8 @@ SCLIP: Dict[str, EvalPreset] = {
     "coco_stuff": _p("shared_coco_stuff.txt", _NAC, 448, 224, 112),
 }
 # The SCLIP/NACLIP harness (224/112 windows, SCLIP's class files) for the baselines, with their own logit scale.
-BASELINE: Dict[str, EvalPreset] = {k: EvalPreset(v.class_file, v.separator, v.short_side, v.window, v.stride,
-                                                 v.threshold, 40.0, v.note) for k, v in SCLIP.items()}
+BASELINE: Dict[str, EvalPreset] = {k: dataclasses.replace(v, logit_scale=40.0, area_threshold=0.0)
+                                   for k, v in SCLIP.items()}
 
 HARNESS = {"proxyclip": PROXYCLIP, "naclip": NACLIP, "sclip": SCLIP, "clearclip": BASELINE, "maskclip": BASELINE,
            "clip": BASELINE}

@@ -94,13 +94,15 @@ def evaluate_dataset(seg, dataset: SegmentationFolder, labels, *, pred_dir: Opti
             pred = _load_png(pred_path)
             reused += pred is not None
         if pred is None:
-            pred = seg.predict(str(img_path), labels).label_map
+            pred = seg.predict_label_map(str(img_path), labels)  # stays on the device
             if pred_path is not None:
-                _save_png(pred_path, pred)
+                _save_png(pred_path, pred.cpu().numpy())
+        else:
+            pred = torch.from_numpy(pred)
         gt = dataset.load_label(idx)
-        if pred.shape != gt.shape:
-            raise ValueError(f"{sample_id}: prediction {pred.shape} and ground truth {gt.shape} differ in size")
-        cm.update(torch.from_numpy(pred), torch.from_numpy(gt))
+        if tuple(pred.shape) != tuple(gt.shape):
+            raise ValueError(f"{sample_id}: prediction {tuple(pred.shape)} and ground truth {gt.shape} differ in size")
+        cm.update(pred, torch.from_numpy(gt))
         if bar is not None:
             bar.update(1)
             if k % 5 == 0 or k == len(indices) - 1:
@@ -113,17 +115,25 @@ def evaluate_dataset(seg, dataset: SegmentationFolder, labels, *, pred_dir: Opti
 
 
 def _settings(seg) -> Dict[str, Any]:
-    c = seg.cfg
-    return {"short_side": c.short_side, "window": c.window, "stride": c.stride, "pad_multiple": c.pad_multiple,
-            "threshold": c.threshold, "logit_scale": c.logit_scale, "pamr_steps": c.pamr_steps,
-            "templates": c.templates if isinstance(c.templates, str) else list(c.templates),
-            "attention": c.attention, "precision": seg.precision, "batch_size": c.batch_size}
+    s = seg.settings()
+    out = {k: v for k, v in s["method"].items() if k not in ("name", "options", "clip", "clip_weights", "vfm", "vfms")}
+    out.update(s["method"]["options"])
+    out.update(precision=s["precision"])
+    return out
 
 
 def _dataset_options(method: str, dataset: str, overrides: Dict[str, Any]) -> Tuple[Dict[str, Any], Any]:
+    from ..methods import get_method
+    from .presets import HARNESS
+
     preset = get_eval_preset(method, dataset)
-    opts = {"short_side": preset.short_side, "window": preset.window or 0, "stride": preset.stride,
-            "threshold": preset.threshold, "logit_scale": preset.logit_scale}
+    # strategy options that some dataset of this method sets go back to the method's preset values elsewhere
+    keys = {k for p in HARNESS.get(method, {}).values() for k in p.options}
+    defaults = get_method(method).strategy_options
+    opts = {k: defaults[k] for k in keys if k in defaults}
+    opts.update({"short_side": preset.short_side, "window": preset.window or 0, "stride": preset.stride,
+                 "threshold": preset.threshold, "logit_scale": preset.logit_scale,
+                 "area_threshold": preset.area_threshold, **preset.options})
     opts.update({k: v for k, v in overrides.items() if v is not None})
     return opts, preset
 
