@@ -660,3 +660,72 @@ def test_image_mean_from_window_sums_in_two_batches():
     close(parts, full, atol=1e-6)
     with pytest.raises(InvalidInputError, match="one value per window"):
         T.image_proxy_weights(feats, windows_per_image=4, mean=mu)
+
+
+# ------------------------------------------------------------------------------------------------ phase 2 additions
+# OpenCV 5.0's cv2.resize(img, (9, 8)) and (4, 3) (INTER_LINEAR) of this seeded 5x7 uint8 image
+CV2_IMG = [[172, 47, 117, 192, 67, 251, 195], [103, 9, 211, 21, 242, 36, 87], [70, 216, 88, 140, 58, 193, 230],
+           [39, 87, 174, 88, 81, 165, 25], [77, 72, 9, 148, 115, 208, 243]]
+CV2_UP = [[172, 89, 78, 134, 192, 95, 169, 232, 195], [142, 67, 87, 149, 117, 138, 151, 154, 148],
+          [101, 48, 102, 164, 28, 186, 128, 62, 96], [80, 128, 140, 121, 103, 113, 131, 158, 185],
+          [60, 137, 149, 117, 124, 78, 131, 178, 166], [41, 77, 128, 151, 91, 82, 128, 124, 38],
+          [60, 72, 80, 90, 122, 105, 150, 175, 147], [77, 74, 44, 40, 148, 122, 167, 219, 243]]
+CV2_DOWN = [[106, 146, 126, 166], [125, 95, 68, 216], [69, 72, 107, 179]]
+
+
+def test_resize_linear_uint8_reproduces_opencv():
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (5, 7), generator=g, dtype=torch.uint8)
+    assert img.tolist() == CV2_IMG
+    assert T.resize_linear_uint8(img, (8, 9)).tolist() == CV2_UP
+    assert T.resize_linear_uint8(img, (3, 4)).tolist() == CV2_DOWN
+    assert T.resize_linear_uint8(img, (5, 7)) is img  # same size: unchanged
+    # channels first, any leading dims, each channel on its own
+    rgb = torch.stack([img, 255 - img, img.flip(0)])
+    out = T.resize_linear_uint8(rgb, (8, 9))
+    assert out[0].tolist() == CV2_UP and out[1].tolist() == T.resize_linear_uint8(255 - img, (8, 9)).tolist()
+    # torch's own uint8 bilinear rounds differently (why the reference's SAM picture needs this rule)
+    plain = F.interpolate(img[None, None], size=(8, 9), mode="bilinear", align_corners=False)[0, 0]
+    assert (plain != torch.tensor(CV2_UP, dtype=torch.uint8)).any()
+    with pytest.raises(InvalidInputError, match="uint8"):
+        T.resize_linear_uint8(img.float(), (8, 9))
+
+
+def test_resize_linear_uint8_equals_cv2_on_sam_pictures():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.RandomState(0)
+    for t in range(20):
+        h, w = rng.randint(20, 400, 2)
+        p = (14, 16)[t % 2]
+        size = T.sam_source_size(int(h), int(w), patch=p)
+        img = rng.randint(0, 256, (h, w, 3)).astype(np.uint8)
+        ref = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        ours = T.resize_linear_uint8(torch.from_numpy(img).permute(2, 0, 1), size).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(ours, ref)
+
+
+def test_sam_rel_bias_rows_equal_timm_decomposed_bias():
+    from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+
+    h, w, nh, hd = 5, 7, 3, 4
+    q = u(40, 2, nh, h * w, hd)
+    rh, rw = u(41, 2 * h - 1, hd), u(42, 2 * w - 1, hd)
+    full = get_decomposed_rel_pos_bias(q.reshape(2 * nh, h * w, hd), rh, rw, (h, w), (h, w)).view(2, nh, h * w, h * w)
+    rows = torch.tensor([0, 6, 13, 34])
+    got = T.sam_rel_bias(q[:, :, rows], rel_pos_h=rh, rel_pos_w=rw, rows=rows, size=(h, w))
+    torch.testing.assert_close(got, full[:, :, rows], rtol=1e-6, atol=1e-6)
+
+
+def test_class_regions_is_coarse_regions_per_class():
+    lab = torch.zeros(12, 14, dtype=torch.long)
+    lab[1:5, 1:6] = 1
+    lab[7:11, 8:13] = 1
+    lab[6, 0] = 1  # a single pixel: below min_area
+    probs = torch.softmax(u(43, 2, 12, 14) * 4, dim=0)
+    out = T.coarse_regions(lab, probs, coarse_thresh=0.0, min_area=4, down=1)
+    m, pts, boxes = T.class_regions(lab == 1, probs[1], min_area=4)
+    assert m.shape == (2, 12, 14) and torch.equal(m, out["regions"][1])
+    assert torch.equal(pts, out["points"][1]) and torch.equal(boxes, out["boxes"][1])
+    assert boxes.tolist() == [[1, 1, 5, 4], [8, 7, 12, 10]]  # x1, y1, x2, y2 with inclusive maxima
+    assert T.class_regions(lab == 1, probs[1], min_area=100) is None
+    assert T.class_regions(torch.zeros(3, 3, dtype=torch.bool), probs[1, :3, :3]) is None
