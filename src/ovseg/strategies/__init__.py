@@ -10,8 +10,9 @@ from .base import (
     register_strategy,
 )
 from .last_block import LastBlock
+from .trident import Trident
 
 __all__ = [
     "DenseStrategy", "ImageContext", "WindowContext", "STRATEGIES", "register_strategy", "get_strategy",
-    "list_strategies", "cosine_logits", "LastBlock",
+    "list_strategies", "cosine_logits", "LastBlock", "Trident",
 ]
