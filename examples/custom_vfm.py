@@ -1,7 +1,10 @@
 """Register your own vision foundation model as the source of ProxyCLIP's attention.
 
 Any module returning dense features (B, C, h, w) works; here a torchvision ResNet-50 truncated after layer3
-(stride 16, 1024 channels). Run: python examples/custom_vfm.py [--random]
+(stride 16, 1024 channels). Run:
+
+    python examples/custom_vfm.py            # downloads CLIP ViT-B/16 and torchvision's ResNet-50 weights
+    python examples/custom_vfm.py --random   # no downloads: seeded random weights
 """
 import argparse
 

@@ -39,7 +39,8 @@ def demo_picture(size=(480, 360)) -> Image.Image:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--image", help="path of a photo (default: a generated landscape)")
+    ap.add_argument("--image", help="path of a photo (default: scikit-image's cat photo when scikit-image is "
+                                    "installed, else a generated landscape)")
     ap.add_argument("--labels", default=None, help="comma-separated labels, ';' between synonyms")
     ap.add_argument("--method", default="proxyclip")
     ap.add_argument("--random", action="store_true", help="seeded random weights instead of downloads")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ovseg.cli import find_images, main, parse_label_text
+from ovseg.cli import EXIT_PARTIAL, find_images, main, parse_label_text
 from ovseg.result import palette
 
 FAST = ["--clip-weights", "random", "--vfm-weights", "random", "--vfm", "dino_s16", "--quiet", "--templates", "single"]
@@ -89,26 +89,152 @@ def test_predict_subprocess_glob_and_labels_file(photos, tmp_path):
     (["predict", "{img}", "--labels", "cat", "--window", "100", "--stride", "200"], "larger than window"),
     (["predict", "{img}", "--labels", "cat", "--clip", "ViT-B-61"], "did you mean 'ViT-B-16'"),
     (["predict", "{img}"], "--labels"),
-    (["predict", "{notimg}", "--labels", "cat", "--method", "clip", "--clip-weights", "random"],
-     "not a readable image"),
-    (["predict", "{img}", "--labels", "cat", "--method", "clip", "--clip-weights", "random", "--clip-tag", "openai"],
-     "clip_tag 'openai' names the weights a local file holds"),
-    (["predict", "{img}", "--labels", "cat", "--method", "clip", "--clip-weights", "{ckpt}"],
-     "--clip-tag openai"),
-    (["predict", "{img}", "--labels", "cat", "--method", "clip", "--clip-weights", "{ckpt}", "--clip-tag", "opnai"],
-     "did you mean 'openai'"),
+    (["predict", "{img}", "--labels", "cat", "--alpha", "1.5"], "--alpha must be in [0, 1]"),
+    (["predict", "{img}", "--labels", "cat", "--threshold", "2"], "--threshold must be in [0, 1]"),
+    (["predict", "{img}", "--labels", "cat", "--max-pixels", "0"], "--max-pixels"),
+    (["predict", "{img}", "--labels", "cat", "--device", "xpu"], "xpu is not available"),
+    (["predict", "{img}", "--labels", "cat", "--device", "gpu"], "not a device name"),
+    (["predict", "{img}", "--labels", "cat", "--out", "{file}"], "is an existing file"),
+    (["predict", "{img}", "--labels", "cat", "--out", "{file}/sub"], "is a file"),
+    (["predict", "{img}", "--labels", "cat", "--method", "naclip", "--vfm-weights", "random"], "uses no VFM"),
+    (["predict", "{img}", "--labels", "cat", "--random", "--clip-weights", "openai"], "--random replaces"),
+    (["predict", "{img}", "--labels", "cat", "--templates", "a photo"], "template"),
+    (["predict", "{img}", "--labels", "cat", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["predict", "{img}", "--labels", "cat", "--batch-size", "0"], "--batch-size"),
+    (["predict", "{img}", "--labels", "cat", "--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["eval", "--dataset", "voc21", "--root", "{missing}"], "not found"),
+    (["eval", "--dataset", "voc21", "--root", "{root}", "--limit", "0"], "--limit must be a positive"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
-def test_cli_errors_one_line_exit_2(argv, needle, photos, tmp_path, capsys):
+def test_cli_errors_one_line_exit_2_before_any_model(argv, needle, photos, tmp_path, capsys, monkeypatch):
+    import ovseg.segmenter
+
+    def no_models(*a, **k):  # every check must happen before a model is built
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(ovseg.segmenter.Segmenter, "__init__", no_models)
     d, _ = photos
-    bad = tmp_path / "notes.jpg"
-    bad.write_text("not an image")
-    ckpt = tmp_path / "open_clip_pytorch_model.bin"  # unidentifiable: ViT-B-16's tags disagree on the activation
-    torch.save({"logit_scale": torch.zeros(())}, ckpt)
-    argv = [a.format(img=d / "a.jpg", notimg=bad, ckpt=ckpt) for a in argv]
-    code = main(argv + ["--out", str(tmp_path / "o"), "--quiet"])
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    fmt = dict(img=d / "a.jpg", file=afile, missing=tmp_path / "missing", root=tmp_path)
+    argv = [a.format(**fmt) for a in argv]
+    if "--out" not in argv and argv[0] != "frobnicate":
+        argv += ["--out", str(tmp_path / "o")]
+    code = main(argv + (["--quiet"] if argv[0] != "frobnicate" else []))
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("ovseg: error:") and needle in err
+    assert len(err.splitlines()) == 1 and err.startswith("ovseg: error:") and needle in err, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--clip-weights", "random", "--clip-tag", "openai"], "clip_tag 'openai' names the weights a local file holds"),
+    (["--clip-weights", "{ckpt}"], "--clip-tag openai"),
+    (["--clip-weights", "{ckpt}", "--clip-tag", "opnai"], "did you mean 'openai'"),
+])
+def test_clip_tag_errors_are_one_line(argv, needle, photos, tmp_path, capsys):
+    d, _ = photos
+    ckpt = tmp_path / "open_clip_pytorch_model.bin"  # unidentifiable: ViT-B-16's tags disagree on the activation
+    torch.save({"logit_scale": torch.zeros(())}, ckpt)
+    argv = ["predict", str(d / "a.jpg"), "--labels", "cat", "--method", "clip", "--out", str(tmp_path / "o"),
+            "--quiet"] + [a.format(ckpt=ckpt) for a in argv]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("ovseg: error:") and needle in err, err
+
+
+def test_out_not_writable_is_a_one_line_error(photos, tmp_path, capsys):
+    d, _ = photos
+    if os.geteuid() == 0:  # root writes anywhere on a normal file system: use one that refuses folders
+        target = "/proc/ovseg-test-out/o"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = str(ro / "o")
+    assert main(["predict", str(d / "a.jpg"), "--labels", "cat", "--out", target, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not writable" in err and target in err
+
+
+def test_unreadable_file_is_skipped_recorded_and_exit_3(photos, tmp_path, capsys):
+    d, sizes = photos
+    (d / "c_broken.jpg").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    code = main(["predict", str(d), "--labels", "sky, grass", "--out", str(out), "--method", "clip", "--random",
+                 "--templates", "single", "--short-side", "64", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == EXIT_PARTIAL == 3
+    assert "skipped" in err and "c_broken.jpg" in err and "not a readable image" in err
+    summary = _check_outputs(out, sizes, ["sky", "grass"])  # the other images were all segmented
+    assert summary["complete"] is True and summary["num_failed"] == 1
+    assert summary["failed"][0]["file"].endswith("c_broken.jpg") and "not a readable image" in \
+        summary["failed"][0]["error"]
+
+
+def test_decompression_bomb_is_one_line_naming_max_pixels(tmp_path, capsys):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    big = tmp_path / "huge.png"  # a 15000 x 15000 PNG header (no pixel data needed: Pillow refuses it at open)
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 15000, 8, 0, 0, 0, 0))
+                    + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    code = main(["predict", str(big), "--labels", "a, b", "--out", str(tmp_path / "o"), "--method", "clip",
+                 "--random", "--templates", "single", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert "decompression-bomb limit" in err[0] and "15000x15000" in err[0] and "--max-pixels" in err[0]
+    # allowing it gets past the limit: the (truncated) file is then decoded and found broken
+    code = main(["predict", str(big), "--labels", "a, b", "--out", str(tmp_path / "o"), "--method", "clip",
+                 "--random", "--templates", "single", "--quiet", "--max-pixels", str(15000 * 15000)])
+    err = capsys.readouterr().err
+    assert code == 3 and "decompression-bomb" not in err and "not a readable image" in err
+
+
+def test_bugs_keep_their_traceback_and_results_json_is_still_written(photos, tmp_path, monkeypatch):
+    import ovseg.segmenter
+
+    def boom(self, *a, **k):
+        raise RuntimeError("an ovseg bug")
+
+    monkeypatch.setattr(ovseg.segmenter.Segmenter, "predict", boom)
+    d, _ = photos
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="an ovseg bug"):  # not swallowed into one line
+        main(["predict", str(d), "--labels", "sky", "--out", str(out), "--method", "clip", "--random",
+              "--templates", "single", "--quiet"])
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["complete"] is False and summary["images"] == []
+
+
+def test_results_json_records_settings_synonyms_and_layout(photos, tmp_path, capsys):
+    d, sizes = photos
+    nested = d / "sub" / "deeper"
+    nested.mkdir(parents=True)
+    Image.open(d / "a.jpg").save(nested / "a.png")  # same stem as photos/a.jpg, in a sub-folder
+    out = tmp_path / "out"
+    args = ["predict", str(d), str(d / "a.jpg"), "--recursive", "--labels", "sky, grass; lawn; turf",
+            "--out", str(out), "--method", "naclip", "--random", "--templates", "single", "--short-side", "64",
+            "--threshold", "0.25", "--quiet"]
+    assert main(args) == 0
+    s = json.loads((out / "results.json").read_text())
+    files = [os.path.relpath(r["file"], d) for r in s["images"]]
+    assert files == ["a.jpg", "b.png", os.path.join("sub", "deeper", "a.png")]  # a.jpg given twice: once
+    assert s["images"][2]["labels_png"] == os.path.join("sub", "deeper", "a_labels.png")  # mirrored layout
+    st = s["settings"]
+    assert st["method"] == "naclip" and st["ovseg"] and st["precision"] == "fp32" and st["device"] == "cpu"
+    assert st["options"]["short_side"] == 64 and st["options"]["threshold"] == 0.25
+    assert st["options"]["pamr_steps"] == 10 and st["options"]["window"] == [224, 224]
+    assert st["templates"] == ["a photo of a {}."] and st["clip"]["weights"] == "random"
+    assert len(st["clip"]["digest"]) == 16 and st["vfm"] is None
+    assert s["synonyms"] == {"sky": ["sky"], "grass": ["grass", "lawn", "turf"]}
+    assert s["query_class"] == ["sky", "grass", "grass", "grass"]
+    capsys.readouterr()
+    assert main(args) == 0  # a second run into the same folder warns before overwriting
+    assert "holds the results of an earlier run" in capsys.readouterr().err
 
 
 def test_cli_offline_error_names_file_and_option(photos, tmp_path):
@@ -140,6 +266,7 @@ def test_label_text_and_image_discovery(photos):
     d, _ = photos
     assert parse_label_text("cat, sofa; couch ,floor") == ["cat", "sofa; couch", "floor"]
     assert [p.name for p in find_images([str(d)])] == ["a.jpg", "b.png"]
+    assert [p.name for p in find_images([str(d), str(d / "b.png"), str(d / "*.png")])] == ["a.jpg", "b.png"]
     assert [p.name for p in find_images([str(d / "*.jpg")])] == ["a.jpg"]
     with pytest.raises(FileNotFoundError):
         find_images([str(d / "*.gif")])

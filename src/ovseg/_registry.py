@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ._deps import require
+from .errors import InvalidInputError, InvalidTypeError
 
 __all__ = ["Registry", "Entry", "suggest"]
 
@@ -50,11 +51,11 @@ class Registry:
     ) -> Any:
         """Register ``obj`` under ``name``; usable as a decorator when ``obj`` is omitted."""
         if not isinstance(name, str) or not name:
-            raise TypeError(f"{self.kind} name must be a non-empty string, got {name!r}")
+            raise InvalidTypeError(f"{self.kind} name must be a non-empty string, got {name!r}")
 
         def _add(o: Any) -> Any:
             if name in self._entries and not overwrite:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{self.kind} '{name}' is already registered; pass overwrite=True to replace it"
                 )
             self._entries[name] = Entry(name, o, doc, tuple(requires), dict(defaults))
@@ -64,9 +65,9 @@ class Registry:
 
     def get(self, name: str) -> Entry:
         if not isinstance(name, str):
-            raise TypeError(f"{self.kind} name must be a string, got {type(name).__name__} {name!r}")
+            raise InvalidTypeError(f"{self.kind} name must be a string, got {type(name).__name__} {name!r}")
         if name not in self._entries:
-            raise ValueError(
+            raise InvalidInputError(
                 f"unknown {self.kind} '{name}';{suggest(name, self._entries)} "
                 f"known: {', '.join(sorted(self._entries))} (see ovseg.{self.lister}())"
             )

@@ -67,7 +67,7 @@ def non_negative(name: str, value: Any) -> float:
 def unit_interval(name: str, value: Any) -> float:
     out = number(name, value)
     if not 0.0 <= out <= 1.0:
-        raise InvalidInputError(f"{name} must be in [0, 1], got {value!r}")
+        raise InvalidInputError(f"{name} must be a number in [0, 1], got {value!r}")
     return out
 
 

@@ -11,6 +11,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidInputError
+
 __all__ = ["interpolate_pos_embed", "resize_pos_embed"]
 
 
@@ -45,7 +47,7 @@ def resize_pos_embed(
     if mode == "legacy":
         return interpolate_pos_embed(pos, base_grid, grid)
     if mode not in ("antialias", "size"):
-        raise ValueError(f"unknown positional resize mode {mode!r}; use 'legacy', 'antialias' or 'size'")
+        raise InvalidInputError(f"unknown positional resize mode {mode!r}; use 'legacy', 'antialias' or 'size'")
     if tuple(grid) == tuple(base_grid):
         return pos
     d = pos.shape[-1]

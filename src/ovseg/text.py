@@ -6,22 +6,26 @@ L2-normalised again. Synonyms are separate queries whose probabilities are max-p
 """
 from __future__ import annotations
 
+import codecs
 import logging
+import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, InvalidTypeError, PathNotFoundError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LabelSet", "parse_labels", "get_templates", "check_templates", "normalize_templates", "TextClassifier",
-           "TEMPLATE_SETS"]
+__all__ = ["LabelSet", "parse_labels", "read_label_file", "read_text_lines", "get_templates", "check_templates",
+           "normalize_templates", "TextClassifier", "TEMPLATE_SETS"]
 
-LabelsLike = Union[str, Sequence[Union[str, Sequence[str]]]]
+LabelsLike = Union[Sequence[Union[str, Sequence[str]]], Mapping[str, Union[str, Sequence[str]]]]
 
 
 @dataclass(frozen=True)
@@ -40,60 +44,144 @@ class LabelSet:
     def has_synonyms(self) -> bool:
         return len(self.queries) != len(self.names)
 
+    def synonyms(self) -> Dict[str, List[str]]:
+        """Class name -> its text queries (the name first), in class order."""
+        out: Dict[str, List[str]] = {n: [] for n in self.names}
+        for q, c in zip(self.queries, self.query_class):
+            out[self.names[c]].append(q)
+        return out
+
 
 def _clean(label: object, where: str) -> str:
     if not isinstance(label, str):
-        raise TypeError(f"labels must be strings, got {type(label).__name__} {label!r} {where}")
+        raise InvalidTypeError(f"labels must be strings, got {type(label).__name__} {label!r} {where}")
     text = " ".join(label.split())
     if not text:
-        raise ValueError(f"empty or whitespace-only label {label!r} {where}; every label needs a word")
+        raise InvalidInputError(f"empty or whitespace-only label {label!r} {where}; every label needs a word")
     return text
+
+
+def _synonyms(item: object, where: str, synonym_sep: str) -> List[str]:
+    """One class's queries from ``"sofa; couch"`` or ``["sofa", "couch"]``."""
+    if isinstance(item, str):
+        return [_clean(s, where) for s in item.split(synonym_sep)] if synonym_sep in item else [_clean(item, where)]
+    if isinstance(item, (set, frozenset)):
+        raise InvalidTypeError(f"synonyms must be a list, not a set {where}: a set's order changes between runs and "
+                               "the first synonym names the class")
+    if isinstance(item, (list, tuple)):
+        if not item:
+            raise InvalidInputError(f"empty synonym list {where}")
+        return [_clean(s, where) for s in item]
+    raise InvalidTypeError(f"labels must be strings or lists of strings, got {type(item).__name__} {item!r} {where}")
+
+
+def _items_from_mapping(labels: Mapping, synonym_sep: str) -> List[List[str]]:
+    """``{"sofa": ["couch", "settee"], "cat": "kitten"}``: key = class name (and first query), value = more synonyms."""
+    items = []
+    for name, value in labels.items():
+        where = f"(labels[{name!r}])"
+        if not isinstance(name, str) or synonym_sep in name:
+            raise InvalidTypeError(f"label dict keys must be single class names (strings without "
+                                   f"'{synonym_sep}'), got {name!r}")
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            extra: List[str] = []
+        else:
+            extra = _synonyms(value, where, synonym_sep)
+        items.append([name, *extra])
+    return items
 
 
 def parse_labels(labels: LabelsLike, *, synonym_sep: str = ";") -> LabelSet:
     """Parse user labels.
 
-    Accepts a list whose items are a string (``"sofa; couch"`` gives synonyms) or a list of synonym strings.
-    The first synonym names the class. Empty lists, empty/whitespace labels, non-strings and duplicate
-    class names (case-insensitive) are rejected.
+    Accepts a list whose items are a string (``"sofa; couch"`` gives synonyms) or a list of synonym strings
+    (the first synonym names the class), or a dict ``{class name: synonyms}`` whose value is a string
+    (``";"``-separated synonyms), a list of strings, or ``[]``/``None`` for none; the name itself is the
+    class's first query. Sets are refused (their order, and so the label indices, changes between runs), as are
+    empty lists, empty/whitespace labels, non-strings and duplicate class names (case-insensitive).
     """
     if isinstance(labels, str):
-        raise TypeError(
+        raise InvalidTypeError(
             f"labels must be a list of strings, got the single string {labels!r}; "
             f"write [{labels!r}] or split it yourself"
         )
     if isinstance(labels, LabelSet):
         return labels
-    try:
-        items = list(labels)
-    except TypeError:
-        raise TypeError(f"labels must be a list of strings, got {type(labels).__name__}") from None
+    if isinstance(labels, (set, frozenset)):
+        raise InvalidTypeError(
+            f"labels must be a list, not a {type(labels).__name__}: a set's order changes between runs, and with it "
+            f"the index of every label in the label map; pass a list, e.g. sorted(labels) = {sorted(map(str, labels))}"
+        )
+    if isinstance(labels, Mapping):
+        items: List[object] = list(_items_from_mapping(labels, synonym_sep))
+    else:
+        try:
+            items = list(labels)
+        except TypeError:
+            raise InvalidTypeError(f"labels must be a list of strings, got {type(labels).__name__}") from None
     if not items:
-        raise ValueError("labels is empty; give at least one label, e.g. ['cat', 'sofa; couch']")
+        raise InvalidInputError("labels is empty; give at least one label, e.g. ['cat', 'sofa; couch']")
     names: List[str] = []
     queries: List[str] = []
     query_class: List[int] = []
-    seen = {}
+    seen: Dict[str, int] = {}
     for c, item in enumerate(items):
-        where = f"(labels[{c}] = {item!r})"
-        if isinstance(item, str):
-            syns = [_clean(s, where) for s in item.split(synonym_sep)] if synonym_sep in item else [_clean(item, where)]
-        elif isinstance(item, (list, tuple)):
-            if not item:
-                raise ValueError(f"empty synonym list {where}")
-            syns = [_clean(s, where) for s in item]
-        else:
-            raise TypeError(f"labels must be strings or lists of strings, got {type(item).__name__} {item!r} {where}")
+        syns = _synonyms(item, f"(labels[{c}] = {item!r})", synonym_sep)
         key = syns[0].lower()
         if key in seen:
-            raise ValueError(f"duplicate label {syns[0]!r} (labels[{seen[key]}] and labels[{c}]); "
-                             "labels must be unique")
+            raise InvalidInputError(f"duplicate label {syns[0]!r} (labels[{seen[key]}] and labels[{c}]); "
+                                    "labels must be unique")
         seen[key] = c
         names.append(syns[0])
         for s in dict.fromkeys(syns):  # drop repeated synonyms within a class, keep order
             queries.append(s)
             query_class.append(c)
     return LabelSet(tuple(names), tuple(queries), tuple(query_class))
+
+
+def read_text_lines(path: Union[str, "os.PathLike[str]"], *, option: str = "labels file") -> List[Tuple[int, str]]:
+    """(line number, text) of the non-blank, non-comment lines of a UTF-8 text file.
+
+    A UTF-8 byte-order mark is removed; UTF-16 files with a byte-order mark are decoded as UTF-16; any other
+    bytes that are not UTF-8 are an error naming the file, the line and the byte (nothing is guessed). A ``#``
+    at the start of a line or after a space starts a comment (``C#`` stays a label).
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise PathNotFoundError(f"{option}: file not found: '{path}'")
+    data = p.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data, encoding = data[len(codecs.BOM_UTF8):], "utf-8"
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise InvalidInputError(
+            f"{option} '{path}' is not {encoding.upper()} text: line {line} has the byte 0x{data[e.start]:02x} "
+            "(another encoding, e.g. Latin-1 or Windows-1252?); save the file as UTF-8"
+        ) from None
+    out = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = _COMMENT.sub("", raw).strip()
+        if line:
+            out.append((n, line))
+    return out
+
+
+_COMMENT = re.compile(r"(^|\s)#.*$")
+
+
+def read_label_file(path: Union[str, "os.PathLike[str]"], *, option: str = "labels file") -> List[str]:
+    """Labels from a text file: one class per line, ``;`` between synonyms, ``#`` comments and blank lines
+    skipped (encoding rules of :func:`read_text_lines`). Errors name the file."""
+    labels = [line for _, line in read_text_lines(path, option=option)]
+    if not labels:
+        raise InvalidInputError(f"{option} '{path}' has no labels (only blank or # comment lines)")
+    return labels
 
 
 def normalize_templates(templates: Sequence[Union[str, Callable[[str], str]]]) -> Tuple[str, ...]:

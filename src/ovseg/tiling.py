@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidInputError
 from .pamr import pamr
 
 __all__ = ["resize_rows", "resize_rows_from", "row_bands", "pamr_rows"]
@@ -66,7 +67,7 @@ def resize_rows_from(
     lo, hi = int(y0.min()), int(y1.max()) + 1
     band = fetch(lo, hi).float()  # (C, hi - lo, w)
     if tuple(band.shape[-2:]) != (hi - lo, w):
-        raise ValueError(f"fetch({lo}, {hi}) returned shape {tuple(band.shape)}, expected (C, {hi - lo}, {w})")
+        raise InvalidInputError(f"fetch({lo}, {hi}) returned shape {tuple(band.shape)}, expected (C, {hi - lo}, {w})")
     ly = ly.to(band.device).view(1, -1, 1)
     rows = band[:, (y0 - lo).to(band.device)] * (1 - ly) + band[:, (y1 - lo).to(band.device)] * ly  # (C, n, w)
     if w == w_out:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,15 +34,17 @@ def test_eval_writes_json_markdown_and_matches_predictions(voc, tmp_path, capsys
     r = json.loads((out / "voc21_naclip.json").read_text())
     md = (out / "voc21_naclip.md").read_text()
     assert "voc21 naclip: mIoU" in printed and "| mIoU | mAcc | aAcc |" in md
-    assert r["num_images"] == 4 and r["settings"]["window"] is None  # NACLIP's VOC21: whole image
-    assert r["settings"]["threshold"] == 0.1 and r["settings"]["short_side"] == 112  # preset + override
+    opts = r["settings"]["options"]
+    assert r["num_images"] == 4 and opts["window"] is None  # NACLIP's VOC21: whole image
+    assert opts["threshold"] == 0.1 and opts["short_side"] == 112  # preset + override
+    assert r["settings"]["clip"]["weights"] == "random" and len(r["settings"]["clip"]["digest"]) == 16
     assert r["published"]["mIoU"] == 64.1 and r["published"]["source"] == "NACLIP Table 1"
     assert len(r["metrics"]["per_class"]) == 21
     # the reported metrics are exactly those of the written predictions against the ground truth
     ds = SegmentationFolder("voc21", str(voc))
     cm = ConfusionMatrix(21)
     for i, (sid, _, _) in enumerate(ds.samples):
-        pred = np.array(Image.open(out / "preds" / "voc21_naclip" / f"{sid}.png")).astype(np.int64)
+        pred = np.array(Image.open(os.path.join(r["predictions"], f"{sid}.png"))).astype(np.int64)
         cm.update(pred, ds.load_label(i))
     assert cm.compute()["mIoU"] == r["metrics"]["mIoU"]
     assert np.array_equal(np.array(r["confusion_matrix"]), cm.mat.numpy())
@@ -53,7 +56,8 @@ def test_resume_reuses_written_predictions(voc, tmp_path, monkeypatch):
     assert main(args) == 0
     first = json.loads((out / "voc21_naclip.json").read_text())
     # an "interrupted" run: one prediction is missing; resume must predict only that one
-    preds = sorted((out / "preds" / "voc21_naclip").glob("*.png"))
+    preds = sorted(Path(first["predictions"]).glob("*.png"))
+    assert Path(first["predictions"]).parent == out / "preds" / "voc21_naclip" and len(preds) == 2
     preds[0].unlink()
     import ovseg.segmenter as segmod
 
@@ -65,6 +69,44 @@ def test_resume_reuses_written_predictions(voc, tmp_path, monkeypatch):
     assert len(calls) == 1
     again = json.loads((out / "voc21_naclip.json").read_text())
     assert again["metrics"] == first["metrics"] and again["num_images"] == 2
+    assert again["prediction_key"] == first["prediction_key"]
+
+
+@pytest.mark.parametrize("change,needle", [
+    (["--short-side", "96"], "settings.options.short_side: 112 -> 96"),
+    (["--templates", "identity"], "settings.options.templates"),
+    (["--threshold", "0.3"], "settings.options.threshold: 0.1 -> 0.3"),
+])
+def test_resume_refuses_predictions_made_with_other_settings(voc, tmp_path, capsys, change, needle):
+    out = tmp_path / "res"
+    args = ["eval", "--dataset", "voc21", "--root", str(voc), "--out", str(out), "--limit", "1", *FAST]
+    assert main(args) == 0
+    first = json.loads((out / "voc21_naclip.json").read_text())
+    capsys.readouterr()
+    assert main(args + change + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume" in err and needle in err, err
+    # without --resume the new settings get their own folder; the earlier predictions stay untouched
+    assert main(args + change) == 0
+    second = json.loads((out / "voc21_naclip.json").read_text())
+    assert second["prediction_key"] != first["prediction_key"]
+    assert Path(first["predictions"]).is_dir() and Path(second["predictions"]).is_dir()
+
+
+def test_prediction_key_covers_weights_and_ignores_execution_details():
+    from ovseg.provenance import prediction_key, settings_of
+
+    from ..conftest import make_segmenter
+
+    a = make_segmenter("naclip")
+    b = make_segmenter("naclip", seed=1)  # other (random) weights, same everything else
+    c = make_segmenter("naclip", batch_size=3)
+    ka, keyed = prediction_key(settings_of(a), dataset="voc21")
+    assert ka == prediction_key(settings_of(a), dataset="voc21")[0]  # stable
+    assert ka != prediction_key(settings_of(b), dataset="voc21")[0]
+    assert ka == prediction_key(settings_of(c), dataset="voc21")[0]  # batch size only changes rounding
+    assert ka != prediction_key(settings_of(a), dataset="voc20")[0]
+    assert json.loads(json.dumps(keyed)) == keyed  # JSON-able
 
 
 def test_eval_errors(voc, tmp_path, capsys):
@@ -108,4 +150,5 @@ def test_torchrun_two_processes_equal_one(voc, tmp_path):
     assert r1["confusion_matrix"] == r2["confusion_matrix"]
     assert r1["metrics"] == r2["metrics"]
     # each rank wrote its own, disjoint share of the predictions
-    assert len(list((tmp_path / "two" / "preds" / "voc21_naclip").glob("*.png"))) == 4
+    assert len(list(Path(r2["predictions"]).glob("*.png"))) == 4
+    assert r1["prediction_key"] == r2["prediction_key"]

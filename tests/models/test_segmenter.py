@@ -252,3 +252,12 @@ def test_nothing_accumulates_across_calls(rgb_image):
     assert seg.text.cache_info()["size"] == 3  # LRU bound
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in seg.model.modules())
     assert hooks == 0
+
+
+def test_threshold_accepts_numpy_and_torch_scalars(rgb_image):
+    seg = make_segmenter("clip", short_side=64)
+    ref = seg.predict(rgb_image, ["a", "b", "c"], threshold=0.5).label_map
+    for thd in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), np.array(0.5)):
+        np.testing.assert_array_equal(seg.predict(rgb_image, ["a", "b", "c"], threshold=thd).label_map, ref)
+    with pytest.raises(TypeError, match="boolean"):
+        seg.predict(rgb_image, ["a", "b"], threshold=np.bool_(True))

@@ -77,3 +77,56 @@ def test_many_labels_use_16_bit_png(tmp_path):
 
 def test_jupyter_png(result):
     assert result._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _unicode_result():
+    lm = np.zeros((90, 240), np.int32)
+    lm[:, 120:] = 1
+    return SegmentationResult(lm, ["床", "café"], image=np.full((90, 240, 3), 200, np.uint8))
+
+
+def test_unicode_labels_are_drawn_with_real_glyphs(tmp_path):
+    import ovseg.result as R
+
+    R._choose_font.cache_clear()
+    text = "床 café 50.0%"
+    assert R._missing_chars(R._default_font(24), "床é") == "床é"  # Pillow's own font draws boxes for both
+    path = R.find_font(text)
+    if path is None or R._missing_chars(R._truetype(path, 24), text):
+        pytest.skip('no font with CJK glyphs here (pip install "ovseg[fonts]")')
+    assert R._missing_chars(R._truetype(path, 24), "床é") == ""  # their bitmaps differ from the .notdef box
+    res = _unicode_result()
+    drawn = np.asarray(res.legend(font_size=24))
+    res.legend(font_size=24).save(tmp_path / "legend.png")
+    R._choose_font.cache_clear()
+    with pytest.MonkeyPatch.context() as mp:  # the same legend in Pillow's font: boxes instead of glyphs
+        mp.setattr(R, "find_font", lambda t: None)
+        boxes = np.asarray(res.legend(font_size=24))
+    assert drawn.shape != boxes.shape or not np.array_equal(drawn, boxes)
+    assert res.overlay(legend=True).size == (240, 90)
+
+
+def test_without_a_covering_font_a_warning_names_the_fix(monkeypatch, caplog):
+    import ovseg.result as R
+
+    R._choose_font.cache_clear()
+    monkeypatch.delenv(R.FONT_ENV, raising=False)
+    monkeypatch.setattr(R, "_packaged_font", lambda: None)
+    monkeypatch.setattr(R, "_fontconfig_fonts", lambda chars: ())
+    with caplog.at_level("WARNING", logger="ovseg.result"):
+        assert R.find_font("床") is None
+    assert "ovseg[fonts]" in caplog.text and R.FONT_ENV in caplog.text
+    R._choose_font.cache_clear()
+    assert R.find_font("plain ascii 12.5%") is None and "ascii" not in caplog.text  # Pillow's font suffices
+
+
+def test_ovseg_font_environment_variable_wins(monkeypatch):
+    import ovseg.result as R
+
+    path = R._packaged_font() or next(iter(R._fontconfig_fonts("é")), None)
+    if path is None:
+        pytest.skip("no TrueType font file on this machine")
+    R._choose_font.cache_clear()
+    monkeypatch.setenv(R.FONT_ENV, path)
+    assert R.find_font("café") == path
+    R._choose_font.cache_clear()

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidInputError
+
 __all__ = ["gaussian_window", "gaussian_kk_weights", "gaussian_kk_attention"]
 
 _CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
@@ -32,9 +34,9 @@ def gaussian_window(
     """
     gh, gw = int(grid[0]), int(grid[1])
     if gh <= 0 or gw <= 0:
-        raise ValueError(f"grid must be positive, got {grid}")
+        raise InvalidInputError(f"grid must be positive, got {grid}")
     if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+        raise InvalidInputError(f"sigma must be > 0, got {sigma}")
     key = (gh, gw, float(sigma), bool(with_cls), str(device), dtype)
     if key in _CACHE:
         _CACHE.move_to_end(key)
@@ -73,6 +75,6 @@ def gaussian_kk_attention(
 ) -> torch.Tensor:
     """NACLIP Eq. 15: ``softmax(k kᵀ · scale + Ω) v`` via fused attention with an additive mask."""
     if k.shape[-2] != 1 + grid[0] * grid[1]:
-        raise ValueError(f"gaussian_kk expects 1 + {grid[0]}x{grid[1]} tokens, got {k.shape[-2]}")
+        raise InvalidInputError(f"gaussian_kk expects 1 + {grid[0]}x{grid[1]} tokens, got {k.shape[-2]}")
     omega = gaussian_window(grid, sigma, device=k.device, dtype=k.dtype)
     return F.scaled_dot_product_attention(k, k, v, attn_mask=omega, scale=scale)

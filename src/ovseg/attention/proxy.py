@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidInputError
+
 __all__ = ["proxy_weights", "proxy_attention", "resize_values"]
 
 
@@ -34,7 +36,7 @@ def proxy_weights(
     Rows sum to 1 (a fully masked row is NaN only when ``keep_diagonal=False``, as in the reference).
     """
     if feats.dim() != 4:
-        raise ValueError(f"VFM features must be (B, C, I, J), got shape {tuple(feats.shape)}")
+        raise InvalidInputError(f"VFM features must be (B, C, I, J), got shape {tuple(feats.shape)}")
     x = F.normalize(feats.flatten(2), dim=1)  # (B, C, M)
     sim = x.transpose(1, 2) @ x  # (B, M, M), Eq. 6
     mu = sim.mean(dim=(1, 2), keepdim=True)  # per window
@@ -70,9 +72,9 @@ def proxy_attention(
 ) -> torch.Tensor:
     """ProxyCLIP Eqs. 6-8 applied to CLIP values: (B, nh, 1+gh·gw, hd) -> (B, nh, I·J, hd), no CLS token."""
     if vfm_feats is None:
-        raise ValueError("the 'proxy' attention needs VFM features; build the method with a vfm")
+        raise InvalidInputError("the 'proxy' attention needs VFM features; build the method with a vfm")
     if vfm_feats.shape[0] != v.shape[0]:
-        raise ValueError(f"batch mismatch: {vfm_feats.shape[0]} VFM maps for {v.shape[0]} crops")
+        raise InvalidInputError(f"batch mismatch: {vfm_feats.shape[0]} VFM maps for {v.shape[0]} crops")
     size = tuple(vfm_feats.shape[-2:])
     attn = proxy_weights(vfm_feats, beta=beta, gamma=gamma, keep_diagonal=keep_diagonal).to(v.dtype)
     vg = resize_values(v, grid, size)  # (B, nh, M, hd)

@@ -59,8 +59,8 @@ class SDFeatures(VFM):
                  scale: float = 2.0, name: str = "sd"):
         super().__init__()
         if not 0 <= block < len(unet.up_blocks) or unet.up_blocks[block].upsamplers is None:
-            raise ValueError(f"{name}: block must index an up block with an upsampler (0..{len(unet.up_blocks) - 2}),"
-                             f" got {block}")
+            last = len(unet.up_blocks) - 2
+            raise InvalidInputError(f"{name}: block must index an up block with an upsampler (0..{last}), got {block}")
         self.vae, self.unet = vae, unet
         self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)  # (1, 77, D) empty prompt
         self.block, self.scale, self.name = block, float(scale), name

@@ -35,7 +35,7 @@ class TimmViTFeatures(VFM):
                  mean: Optional[Tuple[float, ...]] = None, std: Optional[Tuple[float, ...]] = None):
         super().__init__()
         if getattr(vit, "pos_embed", None) is None or getattr(vit, "cls_token", None) is None:
-            raise ValueError(f"{name}: expected a ViT with a CLS token and learned position embeddings")
+            raise InvalidInputError(f"{name}: expected a ViT with a CLS token and learned position embeddings")
         self.vit = vit
         self.name = name
         self.pos_mode = pos_mode

@@ -9,6 +9,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from ..errors import InvalidInputError, PathNotFoundError
+
 __all__ = ["COCO_THING_IDS", "coco_object_lut", "convert_mask", "convert_coco_object"]
 
 # Raw COCO-Stuff label values (COCO category id - 1) of the 80 thing classes, in train-id order.
@@ -30,7 +32,7 @@ def coco_object_lut(source: str = "raw") -> np.ndarray:
     elif source == "labelTrainIds":
         lut[:80] = np.arange(1, 81, dtype=np.uint8)
     else:
-        raise ValueError(f"source must be 'raw' or 'labelTrainIds', got {source!r}")
+        raise InvalidInputError(f"source must be 'raw' or 'labelTrainIds', got {source!r}")
     return lut
 
 
@@ -50,8 +52,6 @@ def convert_coco_object(root: str, splits: Iterable[str] = ("val2017",), out_dir
     for split in splits:
         ann = root_p / "annotations" / split
         if not ann.is_dir():
-            from ..errors import PathNotFoundError
-
             raise PathNotFoundError(f"'{ann}' not found: --root must be the coco_stuff164k folder")
         raw = sorted(p for p in ann.glob("*.png") if "TrainIds" not in p.name)
         files, source = (raw, "raw") if raw else (sorted(ann.glob("*_labelTrainIds.png")), "labelTrainIds")

@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from torchvision.datasets import VisionDataset
 
-from ..errors import PathNotFoundError
+from ..errors import InvalidInputError, PathNotFoundError
 
 __all__ = ["DatasetSpec", "DATASETS", "SegmentationFolder", "get_dataset_spec", "list_datasets"]
 
@@ -71,7 +71,7 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     from .._registry import suggest
 
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}';{suggest(name, DATASETS)} known: {', '.join(DATASETS)}")
+        raise InvalidInputError(f"unknown dataset '{name}';{suggest(name, DATASETS)} known: {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
@@ -106,7 +106,7 @@ class SegmentationFolder(VisionDataset):
                                         f"labels in {self.spec.ann_dir}/)")
         self.samples: List[Tuple[str, Path, Path]] = self._collect(base, img_dir, ann_dir)
         if not self.samples:
-            raise ValueError(f"'{name}': no image/label pairs found under '{root}'")
+            raise InvalidInputError(f"'{name}': no image/label pairs found under '{root}'")
 
     def _collect(self, base: Path, img_dir: Path, ann_dir: Path) -> List[Tuple[str, Path, Path]]:
         s = self.spec

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..errors import InvalidInputError
+
 __all__ = ["ConfusionMatrix", "metrics_from_confusion"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -32,9 +34,9 @@ class ConfusionMatrix:
         pred = torch.as_tensor(pred, device=self.mat.device).long().flatten()
         gt = torch.as_tensor(gt, device=self.mat.device).long().flatten()
         if pred.shape != gt.shape:
-            raise ValueError(f"prediction has {pred.numel()} pixels, ground truth {gt.numel()}")
+            raise InvalidInputError(f"prediction has {pred.numel()} pixels, ground truth {gt.numel()}")
         if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= c):
-            raise ValueError(f"predictions must be class indices in [0, {c})")
+            raise InvalidInputError(f"predictions must be class indices in [0, {c})")
         valid = gt != self.ignore_index
         out_of_range = (gt < 0) | (gt >= c)
         if self.strict_ignore:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Dict, List, Mapping, Optional
 
+from ..errors import InvalidInputError
 from ..text import LabelSet
 
 __all__ = ["EvalPreset", "get_eval_preset", "read_class_file", "HARNESS"]
@@ -81,8 +82,8 @@ HARNESS = {"proxyclip": PROXYCLIP, "naclip": NACLIP, "sclip": SCLIP, "clearclip"
 def get_eval_preset(method: str, dataset: str) -> EvalPreset:
     table = HARNESS.get(method, BASELINE)
     if dataset not in table:
-        raise ValueError(f"method '{method}' has no reference settings for dataset '{dataset}'; "
-                         f"it has: {', '.join(table)}")
+        raise InvalidInputError(f"method '{method}' has no reference settings for dataset '{dataset}'; "
+                                f"it has: {', '.join(table)}")
     return table[dataset]
 
 

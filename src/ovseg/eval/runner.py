@@ -17,6 +17,9 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ..distributed import dist_info, init_distributed  # noqa: F401  (re-exported: ovseg <= 0.1 imported them here)
+from ..errors import InvalidInputError, PathNotFoundError
+from ..provenance import prediction_key, settings_diff, settings_of
 from .datasets import SegmentationFolder
 from .metrics import ConfusionMatrix
 from .presets import get_eval_preset, read_class_file
@@ -25,31 +28,6 @@ from .published import PAPER_DATASETS, published_for
 logger = logging.getLogger(__name__)
 
 __all__ = ["dist_info", "evaluate_dataset", "run_eval", "run_suite", "init_distributed"]
-
-
-def dist_info() -> Tuple[int, int, int]:
-    """(rank, world size, local rank) from the torchrun environment (0, 1, 0 without it)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def init_distributed(device: Optional[str]) -> Tuple[int, int, Optional[str]]:
-    """Initialise torch.distributed under torchrun; returns (rank, world, device to use)."""
-    rank, world, local = dist_info()
-    if world <= 1:
-        return 0, 1, device
-    import torch.distributed as dist
-
-    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-    if use_cuda:
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    else:
-        device = "cpu"
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return rank, world, device
 
 
 def _save_png(path: Path, label_map: np.ndarray) -> None:
@@ -101,7 +79,8 @@ def evaluate_dataset(seg, dataset: SegmentationFolder, labels, *, pred_dir: Opti
             pred = torch.from_numpy(pred)
         gt = dataset.load_label(idx)
         if tuple(pred.shape) != tuple(gt.shape):
-            raise ValueError(f"{sample_id}: prediction {tuple(pred.shape)} and ground truth {gt.shape} differ in size")
+            raise InvalidInputError(f"{sample_id}: prediction {tuple(pred.shape)} and ground truth {gt.shape} "
+                                    "differ in size")
         cm.update(pred, torch.from_numpy(gt))
         if bar is not None:
             bar.update(1)
@@ -112,14 +91,6 @@ def evaluate_dataset(seg, dataset: SegmentationFolder, labels, *, pred_dir: Opti
     if reused:
         logger.info("reused %d predictions from %s", reused, pred_dir)
     return cm, len(indices)
-
-
-def _settings(seg) -> Dict[str, Any]:
-    s = seg.settings()
-    out = {k: v for k, v in s["method"].items() if k not in ("name", "options", "clip", "clip_weights", "vfm", "vfms")}
-    out.update(s["method"]["options"])
-    out.update(precision=s["precision"])
-    return out
 
 
 def _dataset_options(method: str, dataset: str, overrides: Dict[str, Any]) -> Tuple[Dict[str, Any], Any]:
@@ -138,12 +109,46 @@ def _dataset_options(method: str, dataset: str, overrides: Dict[str, Any]) -> Tu
     return opts, preset
 
 
+def _write_json_atomic(path: Path, data: Dict[str, Any], rank: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{rank}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prediction_dir(root: Path, key: str, keyed: Dict[str, Any], *, resume: bool, rank: int = 0) -> Path:
+    """``root/<key>``: the stored predictions of exactly these settings, with their ``settings.json``.
+
+    With ``resume``, predictions stored under ``root`` with other settings are not mixed in: if some exist
+    and none match, this raises an error naming what differs.
+    """
+    pred_dir = root / key
+    if resume and not (pred_dir / "settings.json").is_file():
+        others = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(root.glob("*/settings.json"))]
+        if others:
+            nearest = min(others, key=lambda old: len(list(settings_diff(old, keyed, limit=10**6))))
+            diff = "; ".join(settings_diff(nearest, keyed))
+            raise InvalidInputError(
+                f"--resume: the predictions in '{root}' were made with other settings ({diff}); run without "
+                f"--resume to predict again with these settings (kept apart in '{pred_dir}'), or use the earlier "
+                "settings"
+            )
+        logger.info("--resume: no stored predictions in %s yet", root)
+    _write_json_atomic(pred_dir / "settings.json", keyed, rank)
+    return pred_dir
+
+
 def run_eval(seg, dataset_name: str, root: str, *, out_dir: Optional[str] = None, resume: bool = False,
              limit: Optional[int] = None, strict_ignore: bool = False, overrides: Optional[Dict[str, Any]] = None,
-             progress: bool = True, rank: int = 0, world: int = 1) -> Optional[Dict[str, Any]]:
+             progress: bool = True, rank: int = 0, world: int = 1,
+             vfm_weights: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Evaluate ``seg`` on one dataset with the method's reference settings (``overrides`` on top).
 
     Returns the result dict on rank 0 (None elsewhere) and writes ``<out>/<dataset>_<method>.json/.md``.
+    Predicted label maps go to ``<out>/preds/<dataset>_<method>/<key>/``, where ``key`` hashes everything that
+    changes them (:func:`ovseg.provenance.prediction_key`: method options, weights, precision, ovseg version,
+    dataset and class names); ``resume`` reuses only predictions with the same key. ``vfm_weights`` is what
+    the Segmenter was given (recorded in the settings).
     """
     opts, preset = _dataset_options(seg.cfg.name, dataset_name, overrides or {})
     seg.configure(**opts)
@@ -154,7 +159,10 @@ def run_eval(seg, dataset_name: str, root: str, *, out_dir: Optional[str] = None
                            f"{dataset_name} has {dataset.spec.num_classes}")
     tag = f"{dataset_name}_{seg.cfg.name}"
     out = Path(out_dir) if out_dir else None
-    pred_dir = out / "preds" / tag if out else None
+    settings = settings_of(seg, vfm_weights=vfm_weights)
+    key, keyed = prediction_key(settings, dataset=dataset_name, class_file=preset.class_file,
+                                labels=list(labels.names), queries=list(labels.queries))
+    pred_dir = prediction_dir(out / "preds" / tag, key, keyed, resume=resume, rank=rank) if out else None
     t0 = time.perf_counter()
     cm, n_local = evaluate_dataset(seg, dataset, labels, pred_dir=pred_dir, resume=resume, rank=rank, world=world,
                                    limit=limit, strict_ignore=strict_ignore, progress=progress and rank == 0)
@@ -172,7 +180,8 @@ def run_eval(seg, dataset_name: str, root: str, *, out_dir: Optional[str] = None
     pub = published_for(seg.cfg.name, seg.cfg.clip, seg.cfg.vfm, seg.cfg.pamr_steps > 0)
     result = {
         "dataset": dataset_name, "root": str(root), "method": seg.cfg.name, "clip": seg.cfg.clip,
-        "clip_weights": seg.clip.weights, "vfm": seg.cfg.vfm, "settings": _settings(seg),
+        "clip_weights": seg.clip.weights, "vfm": seg.cfg.vfm, "settings": settings,
+        "predictions": None if pred_dir is None else str(pred_dir), "prediction_key": key,
         "class_file": preset.class_file, "preset_note": preset.note, "num_images": n_total, "world_size": world,
         "seconds": round(time.perf_counter() - t0, 2), "strict_ignore": strict_ignore, "metrics": metrics,
         "confusion_matrix": cm.mat.cpu().numpy().tolist(),
@@ -186,6 +195,10 @@ def run_eval(seg, dataset_name: str, root: str, *, out_dir: Optional[str] = None
         (out / f"{tag}.json").write_text(json.dumps(result, indent=2))
         (out / f"{tag}.md").write_text(markdown_report(result))
     return result
+
+
+_REPORTED = ("short_side", "window", "stride", "pad_multiple", "threshold", "logit_scale", "pamr_steps", "templates",
+             "attention")
 
 
 def _fmt(x) -> str:
@@ -203,7 +216,8 @@ def markdown_report(r: Dict[str, Any]) -> str:
                  f"{_fmt(pub['mIoU']) if pub else '-'} | {_fmt(pub['diff']) if pub else '-'} |")
     if pub:
         lines += ["", f"Published: {pub['source']} (CLIP weights `{pub['clip_weights']}`)."]
-    s = r["settings"]
+    s = {k: v for k, v in r["settings"]["options"].items() if k in _REPORTED}
+    s["precision"] = r["settings"]["precision"]
     lines += ["", "Settings: " + ", ".join(f"{k}={v}" for k, v in s.items()) + f"; classes from `{r['class_file']}`"
               + (f" ({r['preset_note']})" if r.get("preset_note") else ""), "",
               "| class | IoU | Acc |", "|---|---|---|"]
@@ -216,14 +230,15 @@ def read_roots(path: str) -> Dict[str, str]:
     """``roots.toml``: ``voc21 = "/data/VOCdevkit/VOC2012"`` per dataset (top level or under ``[roots]``)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        from ..errors import PathNotFoundError
-
         raise PathNotFoundError(f"--roots: file not found: '{path}'")
     try:
         import tomllib
     except ModuleNotFoundError:  # Python < 3.11
         import tomli as tomllib  # type: ignore
-    data = tomllib.loads(p.read_text())
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"--roots '{path}' is not valid UTF-8 TOML: {e}") from None
     data = data.get("roots", data)
     return {str(k): str(v) for k, v in data.items()}
 
@@ -233,7 +248,7 @@ def run_suite(seg, roots: Dict[str, str], *, datasets=PAPER_DATASETS, out_dir: O
     """The papers' eight benchmarks (those with a root) and a table beside the published numbers."""
     missing = [d for d in datasets if d not in roots]
     if missing:
-        raise ValueError(f"roots file has no entry for: {', '.join(missing)} (keys: {', '.join(datasets)})")
+        raise InvalidInputError(f"roots file has no entry for: {', '.join(missing)} (keys: {', '.join(datasets)})")
     results = {}
     for name in datasets:
         r = run_eval(seg, name, roots[name], out_dir=out_dir, **kwargs)
