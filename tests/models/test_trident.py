@@ -173,3 +173,25 @@ def test_refinement_band_by_band_equals_whole_tensor_ops():
     assert len(reg["points"]) >= 2 and (want != labels).sum() > 100  # the refinement does change labels here
     assert torch.equal(out, want)
     assert all(r is not None for r in calls)
+
+
+def test_eval_presets_are_valid_options_of_every_trident_preset():
+    from ovseg.eval.presets import HARNESS, read_class_file
+    from ovseg.eval.published import PAPER_DATASETS, published_for
+    from ovseg.eval.runner import _dataset_options
+    from ovseg.methods import get_method
+
+    for method in ("trident", "trident_l14", "trident_h14"):
+        assert set(PAPER_DATASETS) <= set(HARNESS[method])
+        for dataset, preset in HARNESS[method].items():
+            opts, _ = _dataset_options(method, dataset, {})
+            cfg = get_method(method).replace(**opts)  # validated like the CLI does
+            assert cfg.window is None and cfg.short_side == preset.short_side
+            assert cfg.strategy_options["slide_stride"] == preset.options["slide_stride"]
+            assert read_class_file(preset.class_file, preset.separator).num_classes > 1
+    city = _dataset_options("trident", "cityscapes", {})[0]
+    assert city["sam_halves"] and city["cos_fac"] == 3.0 and not city["refine_neg_cos"]
+    assert not _dataset_options("trident", "ade20k", {})[0]["sam_halves"]  # reset after Cityscapes
+    assert published_for("trident", "ViT-B-16", "dino_b16", False)["miou"]["voc21"] == 67.1
+    assert published_for("trident_h14", "ViT-H-14", "dino_b16", False)["miou"]["cityscapes"] == 47.6
+    assert published_for("trident_l14", "ViT-L-14", "dino_b16", False) is None  # not published

@@ -60,6 +60,15 @@ PUBLISHED: Dict[Tuple[str, str, Optional[str], bool], dict] = {
 }
 
 
+# ---- Trident (ICCV 2025): the official README's results table (assets/data_result.png), SAM refinement on; no
+# ViT-L/14 row is published. Keyed by preset name (trident, trident_h14) and for the base preset with another CLIP.
+_TR = "Trident README (assets/data_result.png), SAM refinement on"
+for _m, _clip, _vals in (("trident", "ViT-B-16", (67.1, 38.6, 41.1, 84.5, 42.2, 28.3, 42.9, 21.9)),
+                         ("trident", "ViT-H-14", (70.8, 40.1, 42.2, 88.7, 44.3, 28.6, 47.6, 26.7)),
+                         ("trident_h14", "ViT-H-14", (70.8, 40.1, 42.2, 88.7, 44.3, 28.6, 47.6, 26.7))):
+    PUBLISHED[(_m, _clip, "dino_b16", False)] = _row(_PX, _vals, _TR)
+
+
 def published_for(method: str, clip: str, vfm: Optional[str], pamr: bool) -> Optional[dict]:
     """The published row for this configuration, if the papers report it, with the CLIP weights it used
     (OpenAI for ViT-B/16, B/32 and L/14; LAION-2B ``laion2b_s32b_b79k`` for ViT-H/14)."""
