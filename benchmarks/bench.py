@@ -216,6 +216,10 @@ def main(argv=None) -> int:
     precisions = (["fp32", "fp16" if device.startswith("cuda") else "bf16"] if args.all else args.precision)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
     labels = [f"label {i}" for i in range(args.labels)]
+    from ovseg.precision import cpu_capability_line, resolve_precision
+
+    auto = "" if device == "cpu" else f" | precision \"auto\" on {device}: {resolve_precision('auto', device)}"
+    print(cpu_capability_line() + auto, flush=True)
     peaks = {p: matmul_peak(device, p) for p in precisions}
     rows = []
     opts = {k: v for k, v in (("batch_size", args.batch_size), ("memory_budget", args.memory_budget),
@@ -254,7 +258,8 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"Measured with `{cmd}` on {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}; random weights, "
-              f"{args.labels} labels, {args.runs} timed runs after {args.warmup} warm-up.")
+              f"{args.labels} labels, {args.runs} timed runs after {args.warmup} warm-up.\n\n"
+              f"{cpu_capability_line()}{auto}.")
     table = markdown(rows, header)
     print(table)
     if args.out:

@@ -1,11 +1,23 @@
 """Shared fixtures: tiny configs of the real architectures (open_clip ViT, timm DINO ViT), seeded weights."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 import torch
+
+# The persistent text-embedding cache must never touch the user's real ~/.cache/ovseg: a session-wide temporary
+# OVSEG_HOME (also seen by module-scoped fixtures and subprocesses), and a fresh one per test (below).
+_SESSION_HOME = tempfile.mkdtemp(prefix="ovseg-test-home-")
+os.environ["OVSEG_HOME"] = _SESSION_HOME
+atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
+# precision="auto" would pick bf16 on CPUs with AMX: pin fp32 so results and tolerances do not depend on the CPU
+# (tests of "auto" itself unset it)
+os.environ["OVSEG_PRECISION"] = "fp32"
 
 # Small configs of the *real* architectures: same code paths, seconds instead of minutes on CPU.
 TINY_CLIP = dict(
@@ -22,6 +34,14 @@ DEVICE = os.environ.get("OVSEG_TEST_DEVICE", "cpu")
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ovseg_home(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty OVSEG_HOME (its text-embedding cache), so tests do not see each other's."""
+    home = tmp_path_factory.mktemp("ovseg_home")
+    monkeypatch.setenv("OVSEG_HOME", str(home))
+    return home
 
 
 @pytest.fixture

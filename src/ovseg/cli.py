@@ -1,4 +1,5 @@
-"""``ovseg`` command line: ``predict``, ``list``, ``doctor``, ``eval``, ``convert-coco-object``, ``demo``.
+"""``ovseg`` command line: ``predict``, ``list``, ``doctor``, ``eval``, ``cache``, ``convert-coco-object``,
+``demo``.
 
 Exit codes: 0 success; 2 a user error (an :class:`~ovseg.errors.OvsegError` or a bad argument), printed as one
 line on stderr, checked before any model is built where possible; 3 ``predict`` finished but some inputs failed
@@ -113,7 +114,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="seeded random weights for CLIP and, if the method uses one, the VFM: no download, "
                         "meaningless labels (a smoke test of a setup)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto (default): fp16 on CUDA, bf16 on a CPU with native bf16 (AMX), else fp32")
     o = p.add_argument_group("inference options (default: the method's preset)")
     o.add_argument("--window", type=int, default=None, help="window size in pixels; 0 = whole image")
     o.add_argument("--stride", type=int, default=None)
@@ -241,7 +243,9 @@ def _segmenter(args: argparse.Namespace, kwargs: Optional[Dict[str, Any]] = None
 
     kw = dict(kwargs if kwargs is not None else check_model_args(args))
     kw["device"] = args.device  # torchrun may have picked the local GPU
-    return Segmenter(kw.pop("method"), **kw)
+    seg = Segmenter(kw.pop("method"), **kw)
+    seg.text.progress = not getattr(args, "quiet", False)  # a bar when hundreds of prompts are encoded
+    return seg
 
 
 def _warn(message: str) -> None:
@@ -458,7 +462,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     mps = getattr(torch.backends, "mps", None)
     print(f"MPS available: {bool(mps and mps.is_available())} | CPU threads: {torch.get_num_threads()} | "
           f"CPU capability: {torch.backends.cpu.get_cpu_capability()}")
-    print(f"default device: {'cuda' if cuda else 'cpu'} | default precision: {'fp16' if cuda else 'fp32'}")
+    from .cache import TextEmbeddingCache
+    from .precision import cpu_capability_line, resolve_precision
+
+    print(cpu_capability_line())
+    device = "cuda" if cuda else "cpu"
+    print(f"default device: {device} | precision \"auto\" picks: {resolve_precision('auto', device)}")
+    print(f"text-embedding cache: {_cache_summary(TextEmbeddingCache().info())}")
     print("packages:")
     for pkg, extra in (("open_clip_torch", ""), ("timm", ""), ("torchvision", ""), ("huggingface_hub", ""),
                        ("safetensors", ""), ("numpy", ""), ("pillow", ""), ("diffusers", "sd"),
@@ -477,6 +487,29 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     for kind, name, repo, note in _known_weights():
         state = "cached" if repo in cached else "not cached"
         print(f"  {kind:<5} {name:<34} {repo:<48} {state:<11} {note}".rstrip())
+    return 0
+
+
+def _cache_summary(info: dict) -> str:
+    state = "" if info["enabled"] else " (disabled: OVSEG_TEXT_CACHE=0 or a 0 MB bound)"
+    return (f"{info['location']} | {info['entries']} entries, {info['bytes'] / 2**20:.1f} MB of "
+            f"{info['max_bytes'] / 2**20:.0f} MB{state}")
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import ENV_HOME, ENV_TEXT_CACHE, ENV_TEXT_CACHE_MB, TextEmbeddingCache
+
+    cache = TextEmbeddingCache()
+    if args.action == "clear":
+        n, size = cache.clear()
+        print(f"removed {n} text-embedding entries ({size / 2**20:.1f} MB) from {cache.dir}")
+        return 0
+    info = cache.info()
+    print(f"text-embedding cache: {info['location']}")
+    print(f"entries: {info['entries']} | size: {info['bytes'] / 2**20:.1f} MB | bound: "
+          f"{info['max_bytes'] / 2**20:.0f} MB ({ENV_TEXT_CACHE_MB}) | enabled: {'yes' if info['enabled'] else 'no'} "
+          f"({ENV_TEXT_CACHE}=0 disables)")
+    print(f"location set by {ENV_HOME} (default ~/.cache/ovseg)")
     return 0
 
 
@@ -648,6 +681,13 @@ def _add_doctor(sub) -> None:
     d.set_defaults(func=_cmd_doctor)
 
 
+def _add_cache(sub) -> None:
+    k = sub.add_parser("cache", help="the persistent text-embedding cache: info or clear",
+                       description="Text embeddings are kept under $OVSEG_HOME/text (default ~/.cache/ovseg).")
+    k.add_argument("action", nargs="?", default="info", choices=["info", "clear"])
+    k.set_defaults(func=_cmd_cache)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import launch_demo
 
@@ -672,7 +712,7 @@ def _add_demo(sub) -> None:
 
 
 # One function per subcommand, in the order of ``ovseg --help``; a new subcommand adds its own line.
-SUBCOMMANDS = [_add_predict, _add_list, _add_doctor, _add_eval, _add_convert_coco_object, _add_demo]
+SUBCOMMANDS = [_add_predict, _add_list, _add_doctor, _add_eval, _add_cache, _add_convert_coco_object, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

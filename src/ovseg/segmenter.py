@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from . import __version__
 from ._deps import require
 from .backbones import build_clip, create_vfm
-from .config import PRECISIONS
 from .errors import InvalidInputError
 from .head import Head, postprocess
 from .methods import MethodCfg, get_method
 from .model import DenseModel
 from .params import unit_interval
+from .precision import resolve_precision
 from .preprocess import is_batch, load_image, normalize_clip, rescale_size, resize_image
 from .result import SegmentationResult
 from .sliding import WindowBatch, slide_inference, window_grid
@@ -86,7 +86,9 @@ class Segmenter:
         vfm_weights: None (official weights), a local checkpoint path, or ``"random"``; a mapping
             ``{role: weights}`` for methods with several VFMs.
         device: default CUDA when available, else CPU.
-        precision: ``fp32``, ``fp16`` or ``bf16`` autocast (default fp32 on CPU, fp16 on CUDA).
+        precision: ``"auto"`` (default): fp16 autocast on CUDA, bf16 on a CPU with native bf16 (AMX,
+            AVX512-BF16), fp32 otherwise (:func:`ovseg.precision.resolve_precision`; ``OVSEG_PRECISION`` pins it);
+            or ``fp32``, ``fp16``, ``bf16`` (on a CPU without native support: a warning, it is emulated and slow).
         seed: seed for ``"random"`` weights.
         clip_kwargs: open_clip model-config overrides (e.g. a smaller ``vision_cfg`` for tests).
         vfm_kwargs: keyword options of the VFM builder, e.g. ``{"block": 1}`` for SD or
@@ -134,11 +136,8 @@ class Segmenter:
         weights_by_role = _per_role(vfm_weights, list(vfm_names), "vfm_weights")
         kwargs_by_role = _per_role(vfm_kwargs, list(vfm_names), "vfm_kwargs")
         self.device = _resolve_device(device)
-        if precision is None:
-            precision = "fp16" if self.device.type == "cuda" else "fp32"
-        if precision not in PRECISIONS:
-            raise InvalidInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.precision = precision
+        self.precision_request = "auto" if precision is None else precision
+        self.precision = resolve_precision(self.precision_request, self.device)  # "fp32", "fp16" or "bf16"
         self.templates = get_templates(self.cfg.templates)
         _check_requirements(self.cfg)  # a missing optional package fails before anything is built or downloaded
         clip_model = build_clip(self.cfg.clip, self.cfg.clip_weights, tag=clip_tag, seed=seed,
@@ -147,7 +146,7 @@ class Segmenter:
                 for role, name in vfm_names.items()}
         strategy = self.cfg.strategy_cls(**self.cfg.strategy_options)
         self.model = DenseModel(clip_model, strategy, vfms).to(self.device).eval()
-        self.text = TextClassifier(self.model.clip)
+        self.text = TextClassifier(self.model.clip)  # .progress = True: a bar when hundreds of prompts are encoded
         # full-resolution post-processing works on bands of rows: at most band_pixels pixels and about band_bytes
         # of float32 temporaries (the band's logits, class scores and their softmax, ~3 x (Q + C) per pixel)
         self.band_pixels = 1 << 21
@@ -205,12 +204,13 @@ class Segmenter:
         """Move the model; on failure (e.g. out of memory) everything stays where it was."""
         new = _resolve_device(device)
         old = self.device
+        precision = resolve_precision(self.precision_request, new)  # "auto" follows the device
         try:
             self.model.to(new)
         except Exception:
             self.model.to(old)
             raise
-        self.device = new
+        self.device, self.precision = new, precision
         return self
 
     def configure(self, **options: Any) -> "Segmenter":

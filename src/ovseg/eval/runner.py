@@ -27,7 +27,7 @@ from .published import PAPER_DATASETS, published_for
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dist_info", "evaluate_dataset", "run_eval", "run_suite", "init_distributed"]
+__all__ = ["dist_info", "evaluate_dataset", "run_eval", "run_suite", "init_distributed", "share_text_embeddings"]
 
 
 def _save_png(path: Path, label_map: np.ndarray) -> None:
@@ -48,6 +48,32 @@ def _load_png(path: Path) -> Optional[np.ndarray]:
             return np.array(im).astype(np.int64)
     except Exception:
         return None
+
+
+def share_text_embeddings(seg, queries, *, rank: int = 0, world: int = 1, progress: bool = False) -> torch.Tensor:
+    """Encode a dataset's queries once for the whole run and return them, (Q, E) on ``seg.device``.
+
+    Rank 0 encodes (its persistent text cache helps across runs) and broadcasts the tensor; the other ranks put it
+    into their classifier (``TextClassifier.prime``) and encode nothing. Every later ``predict`` finds the
+    embeddings in memory.
+    """
+    queries = list(queries)
+    if world <= 1:
+        return seg.text(queries, seg.templates, device=seg.device, progress=progress)
+    import torch.distributed as dist
+
+    if rank == 0:
+        emb = seg.text(queries, seg.templates, device=seg.device, progress=progress).contiguous()
+        shape = torch.tensor(emb.shape, dtype=torch.long, device=seg.device)
+    else:
+        shape = torch.zeros(2, dtype=torch.long, device=seg.device)
+    dist.broadcast(shape, src=0)
+    if rank != 0:
+        emb = torch.empty(tuple(int(v) for v in shape.tolist()), dtype=torch.float32, device=seg.device)
+    dist.broadcast(emb, src=0)
+    if rank != 0:
+        seg.text.prime(queries, seg.templates, emb)
+    return emb
 
 
 def evaluate_dataset(seg, dataset: SegmentationFolder, labels, *, pred_dir: Optional[Path] = None,
@@ -164,6 +190,7 @@ def run_eval(seg, dataset_name: str, root: str, *, out_dir: Optional[str] = None
                                 labels=list(labels.names), queries=list(labels.queries))
     pred_dir = prediction_dir(out / "preds" / tag, key, keyed, resume=resume, rank=rank) if out else None
     t0 = time.perf_counter()
+    share_text_embeddings(seg, labels.queries, rank=rank, world=world, progress=progress and rank == 0)
     cm, n_local = evaluate_dataset(seg, dataset, labels, pred_dir=pred_dir, resume=resume, rank=rank, world=world,
                                    limit=limit, strict_ignore=strict_ignore, progress=progress and rank == 0)
     cm.all_reduce()
