@@ -65,17 +65,46 @@ def tiny_vfm_kwargs(name: str) -> dict:
     return TINY_DINO
 
 
+# CorrCLIP's spatial branch averages blocks L-2-NS .. L-3 (NS = L-4 for small L): it needs at least 5 blocks
+TINY_CLIP_CORRCLIP = dict(TINY_CLIP, vision_cfg=dict(TINY_CLIP["vision_cfg"], layers=6))
+TEST_MASK_GENERATOR = "test_colour_bins"
+
+
+def _register_test_mask_generator():
+    """A deterministic, package-free mask generator for the tests of mask-guided methods: each pixel's region is its
+    colour bin (3 levels per channel, integer arithmetic, so identical on every CPU); bin 0 (dark) = no mask."""
+    from ovseg.masks import MASK_GENERATORS, MaskGenerator, register_mask_generator
+
+    class ColourBins(MaskGenerator):
+        name = TEST_MASK_GENERATOR
+
+        def generate(self, image):
+            q = np.asarray(image).astype(np.int64) // 86  # (H, W, 3) in 0..2
+            return torch.from_numpy(q[..., 0] * 9 + q[..., 1] * 3 + q[..., 2])
+
+    if TEST_MASK_GENERATOR not in MASK_GENERATORS:
+        register_mask_generator(TEST_MASK_GENERATOR, lambda weights=None, seed=0: ColourBins(),
+                                doc="tests only: regions = colour bins")
+
+
+_register_test_mask_generator()
+
+
 def make_segmenter(method: str, **kw):
     """A Segmenter of ``method`` with seeded random weights and small configs of its real architectures: CLIP and
-    every VFM role the method uses (unless the caller passes weights or kwargs itself)."""
+    every VFM role the method uses (unless the caller passes weights or kwargs itself); methods with a mask
+    generator get the package-free test generator unless the caller chooses one."""
     from ovseg import Segmenter
     from ovseg.methods import get_method
 
+    preset = get_method(method)
     kw.setdefault("clip_weights", "random")
-    kw.setdefault("clip_kwargs", TINY_CLIP)
+    kw.setdefault("clip_kwargs", TINY_CLIP_CORRCLIP if preset.strategy == "corrclip" else TINY_CLIP)
     kw.setdefault("templates", "single")
     kw.setdefault("device", DEVICE)
-    cfg = get_method(method).replace(vfm=kw.get("vfm"), vfms=kw.get("vfms"))
+    if "mask_generator" in preset.option_names():
+        kw.setdefault("mask_generator", TEST_MASK_GENERATOR)
+    cfg = preset.replace(vfm=kw.get("vfm"), vfms=kw.get("vfms"))
     roles = cfg.vfm_names()
     if roles:
         kw.setdefault("vfm_weights", {role: "random" for role in roles})

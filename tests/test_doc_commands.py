@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import TINY_CLIP, tiny_vfm_kwargs
+from .conftest import TINY_CLIP, TINY_CLIP_CORRCLIP, tiny_vfm_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("*.py"))]
@@ -96,7 +96,8 @@ def _tiny_segmenter_factory(real):
         from ovseg.methods import get_method
 
         kw["clip_weights"] = "random"
-        kw["clip_kwargs"] = TINY_CLIP
+        corrclip = get_method(method).strategy == "corrclip"  # its spatial branch needs 6 blocks
+        kw["clip_kwargs"] = TINY_CLIP_CORRCLIP if corrclip else TINY_CLIP
         roles = get_method(method).replace(vfm=kw.get("vfm"), vfms=kw.get("vfms")).vfm_names()
         if roles:  # every VFM role of the method: random weights of a small config of the same architecture
             kw["vfm_weights"] = {role: "random" for role in roles}
@@ -153,6 +154,14 @@ def make_inputs(argv: List[str], where: str) -> None:
             else:  # a folder
                 _image(local(tok) / "one.jpg", 1)
                 _image(local(tok) / "two.png", 2)
+        if "--masks" in argv:  # a region map <stem>.npz (CorrCLIP's layout) for every image made above
+            folder = local(argv[argv.index("--masks") + 1])
+            folder.mkdir(parents=True, exist_ok=True)
+            for img in Path(".").rglob("*"):
+                if img.suffix.lower() in IMAGE_SUFFIXES and folder not in img.parents:
+                    regions = np.zeros((48, 64), np.int64)
+                    regions[24:, 32:] = 1
+                    np.savez(folder / f"{img.stem}.npz", instance_mask=regions)
 
 
 def _option(args: List[str], name: str, default):

@@ -101,7 +101,7 @@ def find_images(inputs: Sequence[str], recursive: bool = False) -> List[Path]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--method", default="proxyclip",
-                   help="proxyclip (default), naclip, sclip, clearclip, maskclip, clip")
+                   help="proxyclip (default), naclip, sclip, clearclip, maskclip, clip, corrclip, corrclip_l14")
     g.add_argument("--clip", default=None, help="open_clip architecture (default ViT-B-16)")
     g.add_argument("--clip-weights", default=None,
                    help="open_clip pretrained tag (default openai), a local checkpoint file or folder, or 'random'")
@@ -110,9 +110,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "the activation (QuickGELU or GELU)")
     g.add_argument("--vfm", default=None, help="VFM for proxyclip (default dino_b8); see 'ovseg list'")
     g.add_argument("--vfm-weights", default=None, help="local checkpoint in the official release format, or 'random'")
+    g.add_argument("--mask-generator", default=None,
+                   help="corrclip: region mask generator (default sam2_hiera_l; 'none' = only --masks); "
+                        "see 'ovseg list'")
+    g.add_argument("--mask-weights", default=None,
+                   help="corrclip: mask generator checkpoint in Meta's release format, or 'random'")
     g.add_argument("--random", action="store_true",
-                   help="seeded random weights for CLIP and, if the method uses one, the VFM: no download, "
-                        "meaningless labels (a smoke test of a setup)")
+                   help="seeded random weights for CLIP and, if the method uses them, the VFM and the mask generator: "
+                        "no download, meaningless labels (a smoke test of a setup)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     g.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto (default): fp16 on CUDA, bf16 on a CPU with native bf16 (AMX), else fp32")
@@ -219,6 +224,7 @@ def check_model_args(args: argparse.Namespace) -> Dict[str, Any]:
     options = dict(window=args.window, stride=args.stride, short_side=args.short_side, threshold=args.threshold,
                    batch_size=args.batch_size, pamr_steps=args.pamr_steps, templates=templates)
     cfg = _validated(get_method, args.method)
+    options.update(_mask_options(args, cfg))
     cfg = _validated(cfg.replace, clip=args.clip, vfm=args.vfm, **options)
     _validated(_validate_arch, cfg.clip)
     roles = cfg.vfm_names()
@@ -234,8 +240,52 @@ def check_model_args(args: argparse.Namespace) -> Dict[str, Any]:
     if vfm_weights is not None and not roles:
         raise InvalidInputError(f"--vfm-weights was given but method '{cfg.name}' uses no VFM; "
                                 "drop it (--random sets random weights for whatever the method uses)")
+    if getattr(args, "random", False) and cfg.strategy_options.get("mask_generator", "none") != "none":
+        if options.get("mask_weights") not in (None, "random"):
+            raise InvalidInputError("--random replaces --mask-weights; give one or the other")
+        options["mask_weights"] = "random"
     return dict(method=args.method, clip=args.clip, clip_weights=clip_weights, clip_tag=args.clip_tag, vfm=args.vfm,
                 vfm_weights=vfm_weights, device=args.device, precision=args.precision, **options)
+
+
+def _mask_options(args: argparse.Namespace, cfg) -> Dict[str, Any]:
+    """--mask-generator / --mask-weights (mask-guided methods only); with --masks DIR every image's masks come from
+    DIR, so no generator is built unless one is named."""
+    opts = {k: getattr(args, k, None) for k in ("mask_generator", "mask_weights")}
+    if "mask_generator" not in cfg.option_names():
+        given = [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]
+        if given or getattr(args, "masks", None):
+            raise InvalidInputError(f"{', '.join(given) or '--masks'} was given but method '{cfg.name}' uses no "
+                                    "region masks (corrclip and corrclip_l14 do)")
+        return {}
+    if getattr(args, "masks", None) and opts["mask_generator"] is None:
+        opts["mask_generator"] = "none"
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _masks_folder(value: Optional[str]) -> Optional[Path]:
+    if value is None:
+        return None
+    p = Path(os.path.expanduser(value))
+    if not p.is_dir():
+        raise PathNotFoundError(f"--masks: folder not found: '{value}'")
+    return p
+
+
+def _mask_files(masks_dir: Path, images: Sequence[Tuple[Path, str]]) -> List[Path]:
+    """The mask file of every image: ``<output stem>.npz|.npy|.png|.tif`` (sub-folders mirrored as the outputs),
+    else ``<file stem>.*`` directly in ``masks_dir`` (CorrCLIP's flat layout). A missing one is an error."""
+    from .masks import find_mask_file
+
+    found = []
+    for path, stem in images:
+        try:
+            found.append(find_mask_file(masks_dir, stem))
+        except PathNotFoundError:
+            if stem == path.stem:
+                raise
+            found.append(find_mask_file(masks_dir, path.stem))
+    return found
 
 
 def _segmenter(args: argparse.Namespace, kwargs: Optional[Dict[str, Any]] = None):
@@ -337,15 +387,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _check_range(args.alpha, "--alpha", 0.0, 1.0)
     _check_range(args.max_pixels, "--max-pixels", 1)
     seg_kwargs = check_model_args(args)
+    masks_dir = _masks_folder(args.masks)
+    mask_files = _mask_files(masks_dir, images) if masks_dir is not None else None  # all exist before models load
     out = check_out_dir(args.out)
     rank, world, args.device = init_distributed(args.device)
     try:
-        return _predict(args, labelset, images, seg_kwargs, out, rank, world)
+        return _predict(args, labelset, images, seg_kwargs, out, rank, world, mask_files)
     finally:
         finish_distributed(world)
 
 
-def _predict(args, labelset, images, seg_kwargs, out: Path, rank: int, world: int) -> int:
+def _predict(args, labelset, images, seg_kwargs, out: Path, rank: int, world: int,
+             mask_files: Optional[List[Path]] = None) -> int:
     """Segment this process's share of ``images`` (every ``world``-th, from ``rank``); rank 0 writes results.json."""
     from .distributed import gather_objects, shard
     from .preprocess import load_image
@@ -356,8 +409,9 @@ def _predict(args, labelset, images, seg_kwargs, out: Path, rank: int, world: in
               "names are overwritten")
     seg = _segmenter(args, seg_kwargs)
     settings = settings_of(seg, vfm_weights=seg_kwargs["vfm_weights"])
+    given = {"masks": str(_masks_folder(args.masks))} if mask_files is not None else {}  # masks change outputs
     key, keyed = prediction_key(settings, labels=list(labelset.names), queries=list(labelset.queries),
-                                alpha=args.alpha)
+                                alpha=args.alpha, **given)
     reuse = _run_settings(out, keyed, key, args.resume, rank)
     mine = shard(len(images), rank, world)
     records: Dict[int, Dict[str, Any]] = {}
@@ -381,7 +435,12 @@ def _predict(args, labelset, images, seg_kwargs, out: Path, rank: int, world: in
                 continue
             try:  # a bad file (unreadable, too large, too small) is skipped; everything else is a bug and stops
                 rgb = load_image(path, max_pixels=args.max_pixels)
-                res = seg.predict(rgb, labelset, return_probs=args.save_probs)
+                masks = None
+                if mask_files is not None:
+                    from .masks import load_region_map
+
+                    masks = load_region_map(mask_files[i])
+                res = seg.predict(rgb, labelset, return_probs=args.save_probs, masks=masks)
             except OvsegError as e:
                 _warn(f"skipped '{path}': {_one_line(e)}")
                 failures[i] = {"file": str(path), "error": _one_line(e)}
@@ -436,6 +495,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     section("methods", METHODS.describe().items())
     section("vfms (for proxyclip)", describe_vfms().items())
+    from .masks import describe_mask_generators
+
+    section("mask generators (for corrclip)", describe_mask_generators().items())
     section("attentions", describe_attentions().items())
     import open_clip
 
@@ -472,7 +534,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     print("packages:")
     for pkg, extra in (("open_clip_torch", ""), ("timm", ""), ("torchvision", ""), ("huggingface_hub", ""),
                        ("safetensors", ""), ("numpy", ""), ("pillow", ""), ("diffusers", "sd"),
-                       ("transformers", "sd")):
+                       ("transformers", "sd"), ("sam2", "sam2"), ("segment-anything", "sam")):
         try:
             ver = md.version(pkg)
         except md.PackageNotFoundError:
@@ -561,6 +623,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if missing:
         raise InvalidInputError(f"--roots '{args.roots}' has no entry for: {', '.join(missing)}")
     seg_kwargs = check_model_args(args)
+    masks_dir = _masks_folder(args.masks)
     for name in names:  # every dataset name, root, layout and preset is checked before any model is built
         get_dataset_spec(name)  # did-you-mean for a misspelt name
         get_eval_preset(args.method, name)
@@ -573,7 +636,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                  "threshold": args.threshold}
     common = dict(out_dir=args.out, resume=args.resume, limit=args.limit, strict_ignore=args.strict_ignore,
                   overrides=overrides, progress=not args.quiet, rank=rank, world=world,
-                  vfm_weights=seg_kwargs["vfm_weights"])
+                  vfm_weights=seg_kwargs["vfm_weights"], masks=str(masks_dir) if masks_dir is not None else None)
     try:
         if args.suite:
             suite = run_suite(seg, roots, **common)
@@ -636,6 +699,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="skip images whose outputs are already in --out, made with the same settings (refused if "
                         "they were made with others)")
+    p.add_argument("--masks", default=None,
+                   help="corrclip: folder of region masks, <image stem>.npz (array 'instance_mask'), .npy or .png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
     p.set_defaults(func=_cmd_predict)
@@ -657,6 +722,9 @@ def _add_eval(sub) -> None:
     e.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests)")
     e.add_argument("--strict-ignore", action="store_true",
                    help="also ignore labels outside [0, C) (the references count them; see docs/evaluation.md)")
+    e.add_argument("--masks", default=None,
+                   help="corrclip: folder of region masks per image (<stem>.npz ...), per dataset in <dataset>/ or "
+                        "CorrCLIP's region_masks layout (voc, context, city, ade, coco)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(e)
     e.set_defaults(func=_cmd_eval)

@@ -295,3 +295,17 @@ for _cfg in (
               description="Trident with OpenCLIP ViT-H/14 (LAION-2B)"),
 ):
     register_method(_cfg)
+
+
+# CorrCLIP (Zhang et al., ICCV 2025): the official v1 code's defaults (docs/methods.md, "CorrCLIP"); the strategy
+# declares tau, eps, alpha, beta and the mask generator (SAM 2.0 Hiera-L, 8x8 points)
+for _cfg in (
+    MethodCfg("corrclip", "corrclip", vfm="dino_b8", clip="ViT-B-16-quickgelu", clip_weights="metaclip_fullcc",
+              window=(336, 336), stride=(112, 112), pad_multiple=56,
+              description="CorrCLIP (Zhang et al., ICCV 2025): region-scoped DINO correlations, spatial and "
+                          "semantic branches, region vote; MetaCLIP ViT-B/16, DINO-B/8, SAM 2 masks"),
+    MethodCfg("corrclip_l14", "corrclip", vfm="dino_b8", clip="ViT-L-14-quickgelu", clip_weights="metaclip_fullcc",
+              window=(336, 336), stride=(112, 112), pad_multiple=56,
+              description="CorrCLIP with MetaCLIP ViT-L/14 (the paper's large setting)"),
+):
+    register_method(_cfg)

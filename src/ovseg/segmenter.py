@@ -250,6 +250,7 @@ class Segmenter:
         for vfm in self.model.vfms.values():
             vh, vw = vfm.grid_size(height, width)
             total += 10 * vh * vw * int(getattr(vfm, "width", vfm.embed_dim)) + 3 * (vh * vw) ** 2
+        total += self.model.strategy.window_elements(self.model, height, width)
         return total * itemsize
 
     def batch_size_for(self, height: int, width: int) -> int:
@@ -286,11 +287,10 @@ class Segmenter:
         if not isinstance(rgb, np.ndarray):
             rgb = (rgb * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         mask_t = None
-        if masks is not None:
-            mask_t = torch.as_tensor(np.asarray(masks))
-            if tuple(mask_t.shape) != (h0, w0):
-                raise InvalidInputError(f"masks must be an (H, W) = ({h0}, {w0}) label image for this input, "
-                                        f"got shape {tuple(mask_t.shape)}")
+        if masks is not None:  # a label image or boolean masks -> one (H0, W0) int64 region map (ovseg.masks)
+            from .masks import as_region_map
+
+            mask_t = as_region_map(masks, (h0, w0))
         return ImageContext(index=index, x=x, rgb=rgb, masks=mask_t)
 
     def _infer(self, images: Sequence[Any], labelset: LabelSet, progress: bool, masks: Optional[Sequence] = None
@@ -420,9 +420,13 @@ class Segmenter:
     def _masks(self, masks: Any, batch: bool, n: int) -> Optional[List[Any]]:
         if masks is None:
             return None
+        if not self.model.strategy.uses_masks:
+            raise InvalidInputError(f"method '{self.cfg.name}' does not use region masks; masks= is for methods "
+                                    "that do (e.g. 'corrclip')")
         masks = list(masks) if batch else [masks]
         if len(masks) != n:
-            raise InvalidInputError(f"got {len(masks)} masks for {n} images; give one label image per image")
+            raise InvalidInputError(f"got {len(masks)} masks for {n} images; give one label image per image "
+                                    "(None for an image whose masks the method should generate)")
         return masks
 
     def predict(
@@ -449,7 +453,11 @@ class Segmenter:
             return_probs: also keep the class probabilities (C, H, W) float32 (memory: 4·C·H·W bytes; off by
                 default, ``res.score`` always holds the probability of the chosen label).
             progress: show progress bars over windows and over full-resolution post-processing.
-            masks: region masks for methods that use them (an int label image (H, W) per image).
+            masks: region masks for methods that use them (CorrCLIP), per image: an integer label image (H, W)
+                (equal values form a region; its smallest value means "no mask"), boolean masks ((K, H, W) or a
+                list of (H, W)), or SAM's automatic-mask output, painted smallest area first with ids 1..K
+                (docs/masks.md); None lets the method's mask generator run. A list with one entry per image for
+                a batch.
         """
         batch, images = self._images(image)
         labelset = parse_labels(labels)

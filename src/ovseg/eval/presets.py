@@ -78,6 +78,21 @@ BASELINE: Dict[str, EvalPreset] = {k: dataclasses.replace(v, logit_scale=40.0, a
 HARNESS = {"proxyclip": PROXYCLIP, "naclip": NACLIP, "sclip": SCLIP, "clearclip": BASELINE, "maskclip": BASELINE,
            "clip": BASELINE}
 
+# CorrCLIP v1's configs (ProxyCLIP's harness; its own class files: "people" for "person", and COCO-Object's
+# background without "bed"); mask files per benchmark: ovseg.masks.REGION_MASK_FOLDERS
+_CC = "corrclip/"
+CORRCLIP: Dict[str, EvalPreset] = {
+    "voc21": _p(_CC + "voc21.txt", _PROXY, 336, 336, 112, 0.2),
+    "voc20": _p(_CC + "voc20.txt", _PROXY, 336, 336, 112),
+    "context60": _p(_CC + "context60.txt", _PROXY, 336, 336, 112, 0.15),
+    "context59": _p(_CC + "context59.txt", _PROXY, 336, 336, 112),
+    "cityscapes": _p(_CC + "city_scapes.txt", _PROXY, 448, 224, 112),
+    "ade20k": _p(_CC + "ade20k.txt", _PROXY, 448, 336, 112),
+    "coco_stuff": _p(_CC + "coco_stuff.txt", _PROXY, 336, 336, 112),
+    "coco_object": _p(_CC + "coco_object.txt", _PROXY, 336, 336, 112, 0.25),
+}
+HARNESS.update(corrclip=CORRCLIP, corrclip_l14=CORRCLIP)
+
 
 # ---- Trident (ICCV 2025): configs/cfg_*.py over configs/base_config.py of the official code. Whole-image mode
 # (the strategy cuts its own 336 sub-images with ``slide_stride``); the class files are ProxyCLIP's (identical).

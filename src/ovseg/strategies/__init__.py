@@ -9,10 +9,12 @@ from .base import (
     list_strategies,
     register_strategy,
 )
+from .corrclip import CorrCLIP  # CorrCLIP (ICCV 2025)
 from .last_block import LastBlock
 from .trident import Trident
 
 __all__ = [
     "DenseStrategy", "ImageContext", "WindowContext", "STRATEGIES", "register_strategy", "get_strategy",
-    "list_strategies", "cosine_logits", "LastBlock", "Trident",
+    "list_strategies", "cosine_logits", "LastBlock",
+    "CorrCLIP", "Trident",
 ]

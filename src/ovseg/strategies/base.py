@@ -95,6 +95,7 @@ class DenseStrategy(nn.Module):
     # (e.g. Trident's SAM grid): the predictor keeps them on that grid and resizes them straight to the input's size
     # (H0, W0) in post-processing, instead of first to the resized image. Windowed inference is unchanged.
     native_grid: ClassVar[bool] = False
+    uses_masks: ClassVar[bool] = False  # reads region masks (``predict(..., masks=...)``, ``ImageContext.masks``)
 
     def __init__(self, **options: Any):
         super().__init__()
@@ -133,6 +134,11 @@ class DenseStrategy(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+    def window_elements(self, model: "DenseModel", height: int, width: int) -> int:
+        """Activation elements one (height x width) window needs beyond the backbones' widest tensors (kept
+        intermediates, extra token streams), for ``Segmenter(memory_budget=...)``. Default: 0."""
+        return 0
 
     # ------------------------------------------------------------------ hooks
     def setup(self, model: "DenseModel") -> None:
