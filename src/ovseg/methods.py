@@ -280,6 +280,23 @@ for _cfg in (
     register_method(_cfg)
 
 
+# ---- Trident (ICCV 2025): whole-image mode (one "window" per image: the strategy cuts its own 336 sub-images);
+# the official evaluation defaults (configs/base_config.py, --sam_refine) are the strategy's declared defaults
+for _cfg in (
+    MethodCfg("trident", "trident", vfm="dino_b16", vfms={"sam": "sam_b16"}, window=None, stride=None,
+              short_side=448, batch_size=1,
+              description="Trident (Shi et al., ICCV 2025): CLIP + DINO sub-images spliced, SAM correlation, "
+                          "SAM refinement"),
+    MethodCfg("trident_l14", "trident", vfm="dino_b16", vfms={"sam": "sam_b16"}, clip="ViT-L-14",
+              clip_weights="openai", window=None, stride=None, short_side=448, batch_size=1,
+              description="Trident with CLIP ViT-L/14 (OpenAI; the official code ships no L/14 setting)"),
+    MethodCfg("trident_h14", "trident", vfm="dino_b16", vfms={"sam": "sam_b16"}, clip="ViT-H-14",
+              clip_weights="laion2b_s32b_b79k", window=None, stride=None, short_side=448, batch_size=1,
+              description="Trident with OpenCLIP ViT-H/14 (LAION-2B)"),
+):
+    register_method(_cfg)
+
+
 # CorrCLIP (Zhang et al., ICCV 2025): the official v1 code's defaults (docs/methods.md, "CorrCLIP"); the strategy
 # declares tau, eps, alpha, beta and the mask generator (SAM 2.0 Hiera-L, 8x8 points)
 for _cfg in (

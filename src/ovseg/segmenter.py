@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from ._deps import require
 from .backbones import build_clip, create_vfm
 from .errors import InvalidInputError
 from .head import Head, postprocess
@@ -51,6 +52,12 @@ def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise InvalidInputError(f"device {device!r} is not supported; use 'cpu', 'cuda', 'cuda:1' or 'mps'")
     return dev
+
+
+def _check_requirements(cfg: MethodCfg) -> None:
+    """Raise ``MissingDependencyError`` (with the pip line) for an optional package the strategy needs."""
+    for module, extra, what in cfg.strategy_cls.requirements(cfg.strategy_options):
+        require(module, extra, what)
 
 
 def _per_role(value: Any, roles: Sequence[str], what: str) -> Dict[str, Any]:
@@ -132,6 +139,7 @@ class Segmenter:
         self.precision_request = "auto" if precision is None else precision
         self.precision = resolve_precision(self.precision_request, self.device)  # "fp32", "fp16" or "bf16"
         self.templates = get_templates(self.cfg.templates)
+        _check_requirements(self.cfg)  # a missing optional package fails before anything is built or downloaded
         clip_model = build_clip(self.cfg.clip, self.cfg.clip_weights, tag=clip_tag, seed=seed,
                                 model_kwargs=clip_kwargs)
         vfms = {role: create_vfm(name, weights_by_role.get(role), seed=seed, **(kwargs_by_role.get(role) or {}))
@@ -217,9 +225,11 @@ class Segmenter:
             raise InvalidInputError("these options change the VFMs the method needs; build a new Segmenter")
         templates = get_templates(cfg.templates)
         strategy_options = cfg.strategy_options
+        _check_requirements(cfg)
         # everything is validated: commit
         self.model.strategy.set_options(strategy_options)
         self.cfg, self.templates = cfg, templates
+        self.model.strategy.setup(self.model)  # parts the new options need (built once, kept afterwards)
         return self
 
     def _autocast(self):
@@ -285,7 +295,8 @@ class Segmenter:
 
     def _infer(self, images: Sequence[Any], labelset: LabelSet, progress: bool, masks: Optional[Sequence] = None
                ) -> Tuple[List[ImageContext], List[torch.Tensor]]:
-        """Window-averaged cosine logits (Q, H, W) at each image's resized resolution, with the image contexts."""
+        """Window-averaged cosine logits (Q, H, W) at each image's resized resolution (on the strategy's own grid
+        for ``native_grid`` strategies in whole-image mode), with the image contexts."""
         text = self.text(labelset.queries, self.templates, device=self.device)
         contexts = [self._prepare(i, src, None if masks is None else masks[i]) for i, src in enumerate(images)]
         strategy = self.model.strategy
@@ -293,6 +304,8 @@ class Segmenter:
             for ctx in contexts:
                 strategy.prepare(self.model, ctx, text)
         aux = [getattr(strategy, "aux_maps", lambda c: {})(ctx) for ctx in contexts]
+        native = strategy.native_grid and self.cfg.window is None
+        keys = [strategy.batch_key(self.model, ctx) for ctx in contexts]
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -312,7 +325,8 @@ class Segmenter:
         logits = slide_inference([c.x for c in contexts], window_fn, window=self.cfg.window, stride=self.cfg.stride,
                                  pad_multiple=self.cfg.pad_multiple, batch_size=batch_size,
                                  progress=bar.update if bar is not None else None,
-                                 aux=aux if any(aux) else None, with_context=True)
+                                 aux=aux if any(aux) else None, with_context=True, native=native,
+                                 group_keys=keys)
         if bar is not None:
             bar.close()
         return contexts, logits
@@ -366,7 +380,9 @@ class Segmenter:
             if not refines and need_values:
                 self._fill(r0, r1, band, scores, lab, score, probs, logits, out_dev)
         if refines:
-            def scores_at(size: Tuple[int, int]) -> torch.Tensor:
+            def scores_at(size: Tuple[int, int], rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                if rows is not None:  # a band of rows: bounded memory at full resolution
+                    return head.scores(resize_rows(lg, tuple(size), int(rows[0]), int(rows[1])), qc, nc)
                 small = F.interpolate(lg[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
                 return head.scores(small, qc, nc)
 

@@ -128,6 +128,32 @@ RESCLIP: Dict[str, EvalPreset] = {
 HARNESS.update(scclip=SCCLIP, resclip=RESCLIP, resclip_sclip=RESCLIP, resclip_clearclip=RESCLIP)
 
 
+# ---- Trident (ICCV 2025): configs/cfg_*.py over configs/base_config.py of the official code. Whole-image mode
+# (the strategy cuts its own 336 sub-images with ``slide_stride``); the class files are ProxyCLIP's (identical).
+def _tri(cls, short, stride, thd, cos_fac, neg, tau, note="", sep=_PROXY, **opts):
+    return EvalPreset(cls, sep, short, None, None, thd, 40.0, note, options=dict(
+        slide_stride=stride, cos_fac=cos_fac, refine_neg_cos=neg, coarse_thresh=tau, sam_halves=False, **opts))
+
+
+TRIDENT: Dict[str, EvalPreset] = {
+    "voc21": _tri("proxyclip/voc21.txt", 448, 224, 0.2, 1.2, True, 0.2),
+    "context60": _tri("shared_context60.txt", 576, 224, 0.15, 1.2, True, 0.15),
+    "coco_object": _tri("proxyclip/coco_object.txt", 448, 224, 0.25, 1.2, True, 0.25),
+    "voc20": _tri("proxyclip/voc20.txt", 336, 112, 0.0, 0.0, True, 0.2),
+    "context59": _tri("shared_context59.txt", 576, 224, 0.0, 1.2, True, 0.15),
+    "coco_stuff": _tri("shared_coco_stuff.txt", 448, 224, 0.0, 1.2, True, 0.05),
+    "cityscapes": dataclasses.replace(
+        _tri("shared_city_scapes.txt", 688, 224, 0.0, 3.0, False, 0.1),
+        note="SAM runs on the left and right halves of the picture (the reference's Cityscapes rule)",
+        options=dict(slide_stride=224, cos_fac=3.0, refine_neg_cos=False, coarse_thresh=0.1, sam_halves=True)),
+    "ade20k": _tri("shared_ade20k.txt", 576, 224, 0.0, 1.2, False, 0.05),
+    "pc459": _tri("proxyclip/context459.txt", 448, 224, 0.0, 1.2, True, 0.2, note="not in the official eval_all"),
+    "ade847": _tri("proxyclip/ade847.txt", 448, 224, 0.0, 1.2, True, 0.2, sep=None,
+                   note="not in the official eval_all; comma-separated names used whole"),
+}
+HARNESS.update({"trident": TRIDENT, "trident_l14": TRIDENT, "trident_h14": TRIDENT})
+
+
 def get_eval_preset(method: str, dataset: str) -> EvalPreset:
     table = HARNESS.get(method, BASELINE)
     if dataset not in table:

@@ -61,6 +61,15 @@ PUBLISHED: Dict[Tuple[str, str, Optional[str], bool], Any] = {
 }
 
 
+# ---- Trident (ICCV 2025): the official README's results table (assets/data_result.png), SAM refinement on; no
+# ViT-L/14 row is published. Keyed by preset name (trident, trident_h14) and for the base preset with another CLIP.
+_TR = "Trident README (assets/data_result.png), SAM refinement on"
+for _m, _clip, _vals in (("trident", "ViT-B-16", (67.1, 38.6, 41.1, 84.5, 42.2, 28.3, 42.9, 21.9)),
+                         ("trident", "ViT-H-14", (70.8, 40.1, 42.2, 88.7, 44.3, 28.6, 47.6, 26.7)),
+                         ("trident_h14", "ViT-H-14", (70.8, 40.1, 42.2, 88.7, 44.3, 28.6, 47.6, 26.7))):
+    PUBLISHED[(_m, _clip, "dino_b16", False)] = _row(_PX, _vals, _TR)
+
+
 # CorrCLIP (ICCV 2025), README of the official code (CorrCLIPv1/README.md; the paper's Table 1 rows): MetaCLIP
 # weights, DINO-B/8. "SAM2_32": masks generated offline (the authors' region_masks files, given with masks= /
 # --masks); "SAM2_8": generated on the fly by SAM 2.0 Hiera-L with 8x8 points (mask_generator='sam2_hiera_l').

@@ -13,9 +13,10 @@ from .corrclip import CorrCLIP  # CorrCLIP (ICCV 2025)
 from .last_block import LastBlock
 from .resclip import ResCLIP  # noqa: F401  (registers "resclip")
 from .scclip import SCCLIP  # noqa: F401  (registers "scclip")
+from .trident import Trident  # noqa: F401  (registers "trident")
 
 __all__ = [
     "DenseStrategy", "ImageContext", "WindowContext", "STRATEGIES", "register_strategy", "get_strategy",
     "list_strategies", "cosine_logits", "LastBlock",
-    "CorrCLIP",
+    "CorrCLIP", "Trident",
 ]
