@@ -116,27 +116,51 @@ class ForwardTimer:
         self.seg.model.__dict__.pop("window_logits", None)
 
 
+def test_regions(h: int, w: int) -> np.ndarray:
+    """Region masks of ``test_image`` (its two painted blocks; 0 elsewhere), for mask-guided methods."""
+    regions = np.zeros((h, w), np.int64)
+    regions[h // 4: h // 2, w // 5: w // 2] = 1
+    regions[int(h * 0.6):, :] = 2
+    return regions
+
+
 def flops_per_window(seg: Segmenter, shape, text: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ovseg.strategies import WindowContext
+
     x = torch.zeros((1,) + tuple(shape), device=seg.device)
+    context = WindowContext(text=text)
+    if getattr(seg.model.strategy, "uses_masks", False):  # a window's region map (two regions)
+        regions = torch.zeros((1, 1) + tuple(shape[1:]), dtype=torch.int64, device=seg.device)
+        regions[..., : shape[1] // 2, :] = 1
+        context.aux["regions"] = regions
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the counter cannot see inside the fused MHA kernel
     try:
-        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-            seg.forward_features(x, text=text)
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc, seg._autocast():
+            seg.model(x, text=text, context=context)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     return float(fc.get_total_flops())
 
 
-def build(method: str, vfm: Optional[str], precision: str, device: str, **opts) -> Segmenter:
+def build(method: str, vfm: Optional[str], precision: str, device: str, masks: str = "generated",
+          **opts) -> Segmenter:
     from ovseg.methods import get_method
 
     kw = dict(clip_weights="random", templates="single", precision=precision, device=device, **opts)
-    roles = get_method(method).replace(vfm=vfm).vfm_names()
+    cfg = get_method(method)
+    if "vfm" not in cfg.strategy_cls.vfm_roles(cfg.strategy_options):
+        vfm = None  # --vfm (default dino_b8) only applies to methods with a 'vfm' role
+    roles = cfg.replace(vfm=vfm).vfm_names()
     if roles:  # every VFM the method uses, with random weights
         kw.update(vfm=vfm, vfm_weights={role: "random" for role in roles})
+    if "mask_generator" in get_method(method).option_names():  # given masks, or the preset's generator (random)
+        if masks == "given":
+            kw["mask_generator"] = "none"
+        else:
+            kw["mask_weights"] = "random"
     return Segmenter(method, **kw)
 
 
@@ -144,9 +168,11 @@ def bench_config(seg: Segmenter, size: Tuple[int, int], runs: int, warmup: int, 
                  peak: float, ref: Optional[Segmenter] = None) -> Dict:
     w, h = size
     img = test_image(w, h)
+    given = getattr(seg.model.strategy, "uses_masks", False) and getattr(seg.strategy, "mask_generator", 0) is None
+    masks = test_regions(h, w) if given else None  # mask-guided methods: given masks, or their generator runs
     timer = ForwardTimer(seg)
     for _ in range(warmup):
-        seg.predict(img, labels)
+        seg.predict(img, labels, masks=masks)
     reset_peak(str(seg.device))
     base_mb = peak_mb(str(seg.device))
     totals, models = [], []
@@ -154,7 +180,7 @@ def bench_config(seg: Segmenter, size: Tuple[int, int], runs: int, warmup: int, 
         timer.reset()
         _sync(seg.device)
         t = time.perf_counter()
-        res = seg.predict(img, labels)
+        res = seg.predict(img, labels, masks=masks)
         _sync(seg.device)
         totals.append(time.perf_counter() - t)
         models.append(timer.seconds)
@@ -174,8 +200,11 @@ def bench_config(seg: Segmenter, size: Tuple[int, int], runs: int, warmup: int, 
         "peak_gflops": peak / 1e9, "efficiency": flops / model_s / peak, "peak_rss_mb": mem,
         "rss_before_mb": base_mb,
     }
+    if getattr(seg.model.strategy, "uses_masks", False):
+        gen = getattr(seg.strategy, "mask_generator", None)
+        row["masks"] = "given" if given else getattr(gen, "name", type(gen).__name__)
     if ref is not None:
-        ref_res = ref.predict(img, labels)
+        ref_res = ref.predict(img, labels, masks=masks)
         row["agreement_vs_fp32"] = float((ref_res.label_map == res.label_map).mean())
     return row
 
@@ -187,7 +216,8 @@ def markdown(rows: List[Dict], header: str) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         agree = f"{100 * r['agreement_vs_fp32']:.2f}%" if "agreement_vs_fp32" in r else "-"
-        out.append(f"| {r['method']} | {r['vfm'] or '-'} | {r['size']} | {r['precision']} | {r['windows']} | "
+        method = r["method"] + (f" ({r['masks']} masks)" if r.get("masks") else "")
+        out.append(f"| {method} | {r['vfm'] or '-'} | {r['size']} | {r['precision']} | {r['windows']} | "
                    f"{r['s_per_image']:.2f} | {r['model_s']:.2f} | {r['post_s']:.2f} | {r['windows_per_s']:.2f} | "
                    f"{r['gflop_per_window']:.1f} | {r['achieved_gflops']:.1f} | {r['peak_gflops']:.1f} | "
                    f"{r['efficiency']:.2f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_before_mb']:.0f} | "
@@ -209,6 +239,9 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-budget", type=float, default=None, help="GB for one window batch")
     ap.add_argument("--compile", action="store_true", help="torch.compile the backbones")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--masks", default="generated", choices=["generated", "given"],
+                    help="mask-guided methods (corrclip): run the preset's mask generator (random weights) or give "
+                         "precomputed masks (the generator's time excluded)")
     ap.add_argument("--out", default=None, help="write a Markdown table (and a .json beside it)")
     ap.add_argument("--json-rows", default=None, help=argparse.SUPPRESS)  # used by --all's subprocesses
     args = ap.parse_args(argv)
@@ -217,6 +250,10 @@ def main(argv=None) -> int:
     precisions = (["fp32", "fp16" if device.startswith("cuda") else "bf16"] if args.all else args.precision)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
     labels = [f"label {i}" for i in range(args.labels)]
+    from ovseg.precision import cpu_capability_line, resolve_precision
+
+    auto = "" if device == "cpu" else f" | precision \"auto\" on {device}: {resolve_precision('auto', device)}"
+    print(cpu_capability_line() + auto, flush=True)
     peaks = {p: matmul_peak(device, p) for p in precisions}
     rows = []
     opts = {k: v for k, v in (("batch_size", args.batch_size), ("memory_budget", args.memory_budget),
@@ -237,9 +274,9 @@ def main(argv=None) -> int:
                 rows.extend(json.load(open(tmp.name)))
         methods = []
     for method in methods:
-        ref = build(method, args.vfm, "fp32", device, **opts) if "fp32" not in precisions[:1] else None
+        ref = build(method, args.vfm, "fp32", device, args.masks, **opts) if "fp32" not in precisions[:1] else None
         for precision in precisions:
-            seg = build(method, args.vfm, precision, device, **opts)
+            seg = build(method, args.vfm, precision, device, args.masks, **opts)
             if precision == "fp32":
                 ref = seg
             for size in sizes:
@@ -255,7 +292,8 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"Measured with `{cmd}` on {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, torch {torch.__version__}, device {device}; random weights, "
-              f"{args.labels} labels, {args.runs} timed runs after {args.warmup} warm-up.")
+              f"{args.labels} labels, {args.runs} timed runs after {args.warmup} warm-up.\n\n"
+              f"{cpu_capability_line()}{auto}.")
     table = markdown(rows, header)
     print(table)
     if args.out:

@@ -260,6 +260,30 @@ def test_list_and_doctor(capsys):
     assert lines["ViT-B-16/openai"].endswith("activation: quick_gelu")
     assert lines["ViT-H-14/laion2b_s32b_b79k"].endswith("activation: gelu")
     assert lines["ViT-B-16-quickgelu/metaclip_fullcc"].endswith("activation: quick_gelu")
+    import torch
+
+    from ovseg.precision import resolve_precision
+
+    assert f"torch kernels: {torch.backends.cpu.get_cpu_capability()}" in out and "native bf16" in out
+    assert f'precision "auto" picks: {resolve_precision("auto", "cuda" if torch.cuda.is_available() else "cpu")}' \
+        in out
+
+
+def test_cache_info_and_clear(_ovseg_home, capsys):
+    import torch
+
+    from ovseg.cache import TextEmbeddingCache
+
+    TextEmbeddingCache().put_many({"arch": "x"}, ("{}",), {"cat": torch.ones(4), "dog": torch.zeros(4)})
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert str(_ovseg_home / "text") in out and "entries: 2" in out and "bound: 512 MB" in out
+    assert main(["cache", "clear"]) == 0
+    assert "removed 2 text-embedding entries" in capsys.readouterr().out
+    assert main(["cache", "info"]) == 0
+    assert "entries: 0" in capsys.readouterr().out
+    assert main(["cache", "purge"]) == 2  # a usage error: one line, exit code 2
+    assert "invalid choice: 'purge'" in capsys.readouterr().err
 
 
 def test_label_text_and_image_discovery(photos):

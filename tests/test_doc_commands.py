@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import TINY_CLIP, TINY_DINO
+from .conftest import TINY_CLIP, TINY_CLIP_CORRCLIP, tiny_vfm_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("*.py"))]
@@ -93,13 +93,15 @@ def test_the_docs_have_commands_to_test():
 def _tiny_segmenter_factory(real):
     """The Segmenter, built with seeded random weights of small configs of the same architectures."""
     def build(method: str = "proxyclip", **kw):
+        from ovseg.methods import get_method
+
         kw["clip_weights"] = "random"
-        kw["clip_kwargs"] = TINY_CLIP
-        vfm = kw.get("vfm")
-        if vfm is not None or method == "proxyclip":
-            kw["vfm_weights"] = "random"
-            if (vfm or "dino_b8").startswith("dino_"):
-                kw["vfm_kwargs"] = {"model_kwargs": TINY_DINO}
+        corrclip = get_method(method).strategy == "corrclip"  # its spatial branch needs 6 blocks
+        kw["clip_kwargs"] = TINY_CLIP_CORRCLIP if corrclip else TINY_CLIP
+        roles = get_method(method).replace(vfm=kw.get("vfm"), vfms=kw.get("vfms")).vfm_names()
+        if roles:  # every VFM role of the method: random weights of a small config of the same architecture
+            kw["vfm_weights"] = {role: "random" for role in roles}
+            kw["vfm_kwargs"] = {role: {"model_kwargs": tiny_vfm_kwargs(name)} for role, name in roles.items()}
         return real(method, **kw)
 
     return build
@@ -152,9 +154,32 @@ def make_inputs(argv: List[str], where: str) -> None:
             else:  # a folder
                 _image(local(tok) / "one.jpg", 1)
                 _image(local(tok) / "two.png", 2)
+        if "--masks" in argv:  # a region map <stem>.npz (CorrCLIP's layout) for every image made above
+            folder = local(argv[argv.index("--masks") + 1])
+            folder.mkdir(parents=True, exist_ok=True)
+            for img in Path(".").rglob("*"):
+                if img.suffix.lower() in IMAGE_SUFFIXES and folder not in img.parents:
+                    regions = np.zeros((48, 64), np.int64)
+                    regions[24:, 32:] = 1
+                    np.savez(folder / f"{img.stem}.npz", instance_mask=regions)
 
 
-_FLAGS = {"--save-probs", "--recursive", "--quiet", "--random", "--resume", "--strict-ignore"}
+def _option(args: List[str], name: str, default):
+    return type(default)(args[args.index(name) + 1]) if name in args else default
+
+
+def _no_serving(args: List[str], monkeypatch) -> Optional[list]:
+    """For ``ovseg demo``: Gradio's ``launch`` records its arguments instead of serving (the browser test in
+    tests/test_demo.py serves and drives the page). Returns the list the calls are recorded in, else None."""
+    if args[:1] != ["demo"]:
+        return None
+    gr = pytest.importorskip("gradio", reason="the demo needs gradio (pip install 'ovseg[demo]')")
+    calls: list = []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: calls.append(kw))
+    return calls
+
+
+_FLAGS = {"--save-probs", "--recursive", "--quiet", "--random", "--resume", "--strict-ignore", "--share"}
 
 
 def _argv(cmd: DocCommand) -> List[str]:
@@ -188,9 +213,12 @@ def test_doc_command_runs(cmd: DocCommand, tmp_path, monkeypatch, capsys):
 
         args = argv[1:] if argv[0] == "ovseg" else argv[3:]
         make_inputs(args, str(cmd))
+        served = _no_serving(args, monkeypatch)
         code = main(args)
         err = capsys.readouterr().err
         assert code == 0, f"{cmd}\nexit code {code}; stderr:\n{err[-2000:]}"
+        if served is not None:  # the demo built its page, loaded the start method and asked to serve it
+            assert served and served[0]["server_port"] == _option(args, "--port", 7860), (cmd, served)
     elif argv[0] == "python" and argv[1].startswith("examples/"):
         make_inputs(argv[2:], str(cmd))
         monkeypatch.setattr(sys, "argv", [str(ROOT / argv[1]), *argv[2:]])

@@ -1,4 +1,5 @@
-"""``ovseg`` command line: ``predict``, ``list``, ``doctor``, ``eval``, ``convert-coco-object``, ``demo``.
+"""``ovseg`` command line: ``predict``, ``list``, ``doctor``, ``eval``, ``cache``, ``convert-coco-object``,
+``demo``.
 
 Exit codes: 0 success; 2 a user error (an :class:`~ovseg.errors.OvsegError` or a bad argument), printed as one
 line on stderr, checked before any model is built where possible; 3 ``predict`` finished but some inputs failed
@@ -100,7 +101,7 @@ def find_images(inputs: Sequence[str], recursive: bool = False) -> List[Path]:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--method", default="proxyclip",
-                   help="proxyclip (default), naclip, sclip, clearclip, maskclip, clip")
+                   help="proxyclip (default), naclip, sclip, clearclip, maskclip, clip, corrclip, corrclip_l14")
     g.add_argument("--clip", default=None, help="open_clip architecture (default ViT-B-16)")
     g.add_argument("--clip-weights", default=None,
                    help="open_clip pretrained tag (default openai), a local checkpoint file or folder, or 'random'")
@@ -109,11 +110,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "the activation (QuickGELU or GELU)")
     g.add_argument("--vfm", default=None, help="VFM for proxyclip (default dino_b8); see 'ovseg list'")
     g.add_argument("--vfm-weights", default=None, help="local checkpoint in the official release format, or 'random'")
+    g.add_argument("--mask-generator", default=None,
+                   help="corrclip: region mask generator (default sam2_hiera_l; 'none' = only --masks); "
+                        "see 'ovseg list'")
+    g.add_argument("--mask-weights", default=None,
+                   help="corrclip: mask generator checkpoint in Meta's release format, or 'random'")
     g.add_argument("--random", action="store_true",
-                   help="seeded random weights for CLIP and, if the method uses one, the VFM: no download, "
-                        "meaningless labels (a smoke test of a setup)")
+                   help="seeded random weights for CLIP and, if the method uses them, the VFM and the mask generator: "
+                        "no download, meaningless labels (a smoke test of a setup)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto (default): fp16 on CUDA, bf16 on a CPU with native bf16 (AMX), else fp32")
     o = p.add_argument_group("inference options (default: the method's preset)")
     o.add_argument("--window", type=int, default=None, help="window size in pixels; 0 = whole image")
     o.add_argument("--stride", type=int, default=None)
@@ -217,6 +224,7 @@ def check_model_args(args: argparse.Namespace) -> Dict[str, Any]:
     options = dict(window=args.window, stride=args.stride, short_side=args.short_side, threshold=args.threshold,
                    batch_size=args.batch_size, pamr_steps=args.pamr_steps, templates=templates)
     cfg = _validated(get_method, args.method)
+    options.update(_mask_options(args, cfg))
     cfg = _validated(cfg.replace, clip=args.clip, vfm=args.vfm, **options)
     _validated(_validate_arch, cfg.clip)
     roles = cfg.vfm_names()
@@ -232,8 +240,52 @@ def check_model_args(args: argparse.Namespace) -> Dict[str, Any]:
     if vfm_weights is not None and not roles:
         raise InvalidInputError(f"--vfm-weights was given but method '{cfg.name}' uses no VFM; "
                                 "drop it (--random sets random weights for whatever the method uses)")
+    if getattr(args, "random", False) and cfg.strategy_options.get("mask_generator", "none") != "none":
+        if options.get("mask_weights") not in (None, "random"):
+            raise InvalidInputError("--random replaces --mask-weights; give one or the other")
+        options["mask_weights"] = "random"
     return dict(method=args.method, clip=args.clip, clip_weights=clip_weights, clip_tag=args.clip_tag, vfm=args.vfm,
                 vfm_weights=vfm_weights, device=args.device, precision=args.precision, **options)
+
+
+def _mask_options(args: argparse.Namespace, cfg) -> Dict[str, Any]:
+    """--mask-generator / --mask-weights (mask-guided methods only); with --masks DIR every image's masks come from
+    DIR, so no generator is built unless one is named."""
+    opts = {k: getattr(args, k, None) for k in ("mask_generator", "mask_weights")}
+    if "mask_generator" not in cfg.option_names():
+        given = [f"--{k.replace('_', '-')}" for k, v in opts.items() if v is not None]
+        if given or getattr(args, "masks", None):
+            raise InvalidInputError(f"{', '.join(given) or '--masks'} was given but method '{cfg.name}' uses no "
+                                    "region masks (corrclip and corrclip_l14 do)")
+        return {}
+    if getattr(args, "masks", None) and opts["mask_generator"] is None:
+        opts["mask_generator"] = "none"
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _masks_folder(value: Optional[str]) -> Optional[Path]:
+    if value is None:
+        return None
+    p = Path(os.path.expanduser(value))
+    if not p.is_dir():
+        raise PathNotFoundError(f"--masks: folder not found: '{value}'")
+    return p
+
+
+def _mask_files(masks_dir: Path, images: Sequence[Tuple[Path, str]]) -> List[Path]:
+    """The mask file of every image: ``<output stem>.npz|.npy|.png|.tif`` (sub-folders mirrored as the outputs),
+    else ``<file stem>.*`` directly in ``masks_dir`` (CorrCLIP's flat layout). A missing one is an error."""
+    from .masks import find_mask_file
+
+    found = []
+    for path, stem in images:
+        try:
+            found.append(find_mask_file(masks_dir, stem))
+        except PathNotFoundError:
+            if stem == path.stem:
+                raise
+            found.append(find_mask_file(masks_dir, path.stem))
+    return found
 
 
 def _segmenter(args: argparse.Namespace, kwargs: Optional[Dict[str, Any]] = None):
@@ -241,7 +293,9 @@ def _segmenter(args: argparse.Namespace, kwargs: Optional[Dict[str, Any]] = None
 
     kw = dict(kwargs if kwargs is not None else check_model_args(args))
     kw["device"] = args.device  # torchrun may have picked the local GPU
-    return Segmenter(kw.pop("method"), **kw)
+    seg = Segmenter(kw.pop("method"), **kw)
+    seg.text.progress = not getattr(args, "quiet", False)  # a bar when hundreds of prompts are encoded
+    return seg
 
 
 def _warn(message: str) -> None:
@@ -333,15 +387,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _check_range(args.alpha, "--alpha", 0.0, 1.0)
     _check_range(args.max_pixels, "--max-pixels", 1)
     seg_kwargs = check_model_args(args)
+    masks_dir = _masks_folder(args.masks)
+    mask_files = _mask_files(masks_dir, images) if masks_dir is not None else None  # all exist before models load
     out = check_out_dir(args.out)
     rank, world, args.device = init_distributed(args.device)
     try:
-        return _predict(args, labelset, images, seg_kwargs, out, rank, world)
+        return _predict(args, labelset, images, seg_kwargs, out, rank, world, mask_files)
     finally:
         finish_distributed(world)
 
 
-def _predict(args, labelset, images, seg_kwargs, out: Path, rank: int, world: int) -> int:
+def _predict(args, labelset, images, seg_kwargs, out: Path, rank: int, world: int,
+             mask_files: Optional[List[Path]] = None) -> int:
     """Segment this process's share of ``images`` (every ``world``-th, from ``rank``); rank 0 writes results.json."""
     from .distributed import gather_objects, shard
     from .preprocess import load_image
@@ -352,8 +409,9 @@ def _predict(args, labelset, images, seg_kwargs, out: Path, rank: int, world: in
               "names are overwritten")
     seg = _segmenter(args, seg_kwargs)
     settings = settings_of(seg, vfm_weights=seg_kwargs["vfm_weights"])
+    given = {"masks": str(_masks_folder(args.masks))} if mask_files is not None else {}  # masks change outputs
     key, keyed = prediction_key(settings, labels=list(labelset.names), queries=list(labelset.queries),
-                                alpha=args.alpha)
+                                alpha=args.alpha, **given)
     reuse = _run_settings(out, keyed, key, args.resume, rank)
     mine = shard(len(images), rank, world)
     records: Dict[int, Dict[str, Any]] = {}
@@ -377,7 +435,12 @@ def _predict(args, labelset, images, seg_kwargs, out: Path, rank: int, world: in
                 continue
             try:  # a bad file (unreadable, too large, too small) is skipped; everything else is a bug and stops
                 rgb = load_image(path, max_pixels=args.max_pixels)
-                res = seg.predict(rgb, labelset, return_probs=args.save_probs)
+                masks = None
+                if mask_files is not None:
+                    from .masks import load_region_map
+
+                    masks = load_region_map(mask_files[i])
+                res = seg.predict(rgb, labelset, return_probs=args.save_probs, masks=masks)
             except OvsegError as e:
                 _warn(f"skipped '{path}': {_one_line(e)}")
                 failures[i] = {"file": str(path), "error": _one_line(e)}
@@ -432,6 +495,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     section("methods", METHODS.describe().items())
     section("vfms (for proxyclip)", describe_vfms().items())
+    from .masks import describe_mask_generators
+
+    section("mask generators (for corrclip)", describe_mask_generators().items())
     section("attentions", describe_attentions().items())
     import open_clip
 
@@ -458,11 +524,17 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     mps = getattr(torch.backends, "mps", None)
     print(f"MPS available: {bool(mps and mps.is_available())} | CPU threads: {torch.get_num_threads()} | "
           f"CPU capability: {torch.backends.cpu.get_cpu_capability()}")
-    print(f"default device: {'cuda' if cuda else 'cpu'} | default precision: {'fp16' if cuda else 'fp32'}")
+    from .cache import TextEmbeddingCache
+    from .precision import cpu_capability_line, resolve_precision
+
+    print(cpu_capability_line())
+    device = "cuda" if cuda else "cpu"
+    print(f"default device: {device} | precision \"auto\" picks: {resolve_precision('auto', device)}")
+    print(f"text-embedding cache: {_cache_summary(TextEmbeddingCache().info())}")
     print("packages:")
     for pkg, extra in (("open_clip_torch", ""), ("timm", ""), ("torchvision", ""), ("huggingface_hub", ""),
                        ("safetensors", ""), ("numpy", ""), ("pillow", ""), ("diffusers", "sd"),
-                       ("transformers", "sd")):
+                       ("transformers", "sd"), ("sam2", "sam2"), ("segment-anything", "sam")):
         try:
             ver = md.version(pkg)
         except md.PackageNotFoundError:
@@ -477,6 +549,29 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     for kind, name, repo, note in _known_weights():
         state = "cached" if repo in cached else "not cached"
         print(f"  {kind:<5} {name:<34} {repo:<48} {state:<11} {note}".rstrip())
+    return 0
+
+
+def _cache_summary(info: dict) -> str:
+    state = "" if info["enabled"] else " (disabled: OVSEG_TEXT_CACHE=0 or a 0 MB bound)"
+    return (f"{info['location']} | {info['entries']} entries, {info['bytes'] / 2**20:.1f} MB of "
+            f"{info['max_bytes'] / 2**20:.0f} MB{state}")
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import ENV_HOME, ENV_TEXT_CACHE, ENV_TEXT_CACHE_MB, TextEmbeddingCache
+
+    cache = TextEmbeddingCache()
+    if args.action == "clear":
+        n, size = cache.clear()
+        print(f"removed {n} text-embedding entries ({size / 2**20:.1f} MB) from {cache.dir}")
+        return 0
+    info = cache.info()
+    print(f"text-embedding cache: {info['location']}")
+    print(f"entries: {info['entries']} | size: {info['bytes'] / 2**20:.1f} MB | bound: "
+          f"{info['max_bytes'] / 2**20:.0f} MB ({ENV_TEXT_CACHE_MB}) | enabled: {'yes' if info['enabled'] else 'no'} "
+          f"({ENV_TEXT_CACHE}=0 disables)")
+    print(f"location set by {ENV_HOME} (default ~/.cache/ovseg)")
     return 0
 
 
@@ -528,6 +623,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if missing:
         raise InvalidInputError(f"--roots '{args.roots}' has no entry for: {', '.join(missing)}")
     seg_kwargs = check_model_args(args)
+    masks_dir = _masks_folder(args.masks)
     for name in names:  # every dataset name, root, layout and preset is checked before any model is built
         get_dataset_spec(name)  # did-you-mean for a misspelt name
         get_eval_preset(args.method, name)
@@ -540,7 +636,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                  "threshold": args.threshold}
     common = dict(out_dir=args.out, resume=args.resume, limit=args.limit, strict_ignore=args.strict_ignore,
                   overrides=overrides, progress=not args.quiet, rank=rank, world=world,
-                  vfm_weights=seg_kwargs["vfm_weights"])
+                  vfm_weights=seg_kwargs["vfm_weights"], masks=str(masks_dir) if masks_dir is not None else None)
     try:
         if args.suite:
             suite = run_suite(seg, roots, **common)
@@ -603,6 +699,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="skip images whose outputs are already in --out, made with the same settings (refused if "
                         "they were made with others)")
+    p.add_argument("--masks", default=None,
+                   help="corrclip: folder of region masks, <image stem>.npz (array 'instance_mask'), .npy or .png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
     p.set_defaults(func=_cmd_predict)
@@ -624,6 +722,9 @@ def _add_eval(sub) -> None:
     e.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests)")
     e.add_argument("--strict-ignore", action="store_true",
                    help="also ignore labels outside [0, C) (the references count them; see docs/evaluation.md)")
+    e.add_argument("--masks", default=None,
+                   help="corrclip: folder of region masks per image (<stem>.npz ...), per dataset in <dataset>/ or "
+                        "CorrCLIP's region_masks layout (voc, context, city, ade, coco)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(e)
     e.set_defaults(func=_cmd_eval)
@@ -646,6 +747,13 @@ def _add_list(sub) -> None:
 def _add_doctor(sub) -> None:
     d = sub.add_parser("doctor", help="environment, devices, package versions and cached weights")
     d.set_defaults(func=_cmd_doctor)
+
+
+def _add_cache(sub) -> None:
+    k = sub.add_parser("cache", help="the persistent text-embedding cache: info or clear",
+                       description="Text embeddings are kept under $OVSEG_HOME/text (default ~/.cache/ovseg).")
+    k.add_argument("action", nargs="?", default="info", choices=["info", "clear"])
+    k.set_defaults(func=_cmd_cache)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -672,7 +780,7 @@ def _add_demo(sub) -> None:
 
 
 # One function per subcommand, in the order of ``ovseg --help``; a new subcommand adds its own line.
-SUBCOMMANDS = [_add_predict, _add_list, _add_doctor, _add_eval, _add_convert_coco_object, _add_demo]
+SUBCOMMANDS = [_add_predict, _add_list, _add_doctor, _add_eval, _add_cache, _add_convert_coco_object, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -279,6 +279,51 @@ for _cfg in (
 ):
     register_method(_cfg)
 
+
+# ---- Trident (ICCV 2025): whole-image mode (one "window" per image: the strategy cuts its own 336 sub-images);
+# the official evaluation defaults (configs/base_config.py, --sam_refine) are the strategy's declared defaults
+for _cfg in (
+    MethodCfg("trident", "trident", vfm="dino_b16", vfms={"sam": "sam_b16"}, window=None, stride=None,
+              short_side=448, batch_size=1,
+              description="Trident (Shi et al., ICCV 2025): CLIP + DINO sub-images spliced, SAM correlation, "
+                          "SAM refinement"),
+    MethodCfg("trident_l14", "trident", vfm="dino_b16", vfms={"sam": "sam_b16"}, clip="ViT-L-14",
+              clip_weights="openai", window=None, stride=None, short_side=448, batch_size=1,
+              description="Trident with CLIP ViT-L/14 (OpenAI; the official code ships no L/14 setting)"),
+    MethodCfg("trident_h14", "trident", vfm="dino_b16", vfms={"sam": "sam_b16"}, clip="ViT-H-14",
+              clip_weights="laion2b_s32b_b79k", window=None, stride=None, short_side=448, batch_size=1,
+              description="Trident with OpenCLIP ViT-H/14 (LAION-2B)"),
+):
+    register_method(_cfg)
+
+
+# CorrCLIP (Zhang et al., ICCV 2025): the official v1 code's defaults (docs/methods.md, "CorrCLIP"); the strategy
+# declares tau, eps, alpha, beta and the mask generator (SAM 2.0 Hiera-L, 8x8 points)
+for _cfg in (
+    MethodCfg("corrclip", "corrclip", vfm="dino_b8", clip="ViT-B-16-quickgelu", clip_weights="metaclip_fullcc",
+              window=(336, 336), stride=(112, 112), pad_multiple=56,
+              description="CorrCLIP (Zhang et al., ICCV 2025): region-scoped DINO correlations, spatial and "
+                          "semantic branches, region vote; MetaCLIP ViT-B/16, DINO-B/8, SAM 2 masks"),
+    MethodCfg("corrclip_l14", "corrclip", vfm="dino_b8", clip="ViT-L-14-quickgelu", clip_weights="metaclip_fullcc",
+              window=(336, 336), stride=(112, 112), pad_multiple=56,
+              description="CorrCLIP with MetaCLIP ViT-L/14 (the paper's large setting)"),
+):
+    register_method(_cfg)
+
+
+# SC-CLIP and ResCLIP (issue 12): CLIP-only 2025 methods with their own dense strategies (docs/methods.md).
+for _cfg in (
+    MethodCfg("scclip", "scclip", description="SC-CLIP (Bai et al., TIP 2025): anomaly repair, similarity-guided "
+              "last block and multi-level fusion (OpenAI ViT-B/16, 224/112 windows)"),
+    MethodCfg("resclip", "resclip", description="ResCLIP (Yang et al., CVPR 2025) on NACLIP: residual "
+              "cross-correlation attention + semantic feedback refinement"),
+    MethodCfg("resclip_sclip", "resclip", {"base": "sclip"},
+              description="ResCLIP (CVPR 2025) on SCLIP's last block (residual and FFN kept)"),
+    MethodCfg("resclip_clearclip", "resclip", {"base": "clearclip"},
+              description="ResCLIP (CVPR 2025) on ClearCLIP's last block"),
+):
+    register_method(_cfg)
+
 # CASS (CVPR 2025): the official default backbone pair (CLIP ViT-B/16 OpenAI, DINO ViT-B/8), 224/112 windows on a
 # 336 short side, the prior's weights of its PASCAL Context configs (the bare official constructor turns it off)
 register_method(MethodCfg(

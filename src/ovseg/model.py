@@ -43,6 +43,7 @@ class DenseModel(nn.Module):
         for role, vfm in self.vfms.items():
             stats = torch.tensor([tuple(vfm.mean), tuple(vfm.std)], dtype=torch.float32).view(2, 1, 3, 1, 1)
             self.register_buffer(f"_vfm_stats_{role}", stats, persistent=False)
+        strategy.setup(self)  # parts of the strategy that depend on the backbones (e.g. a decoder of a VFM's file)
 
     # ------------------------------------------------------------------ VFMs
     @property

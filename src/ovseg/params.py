@@ -34,7 +34,9 @@ def _scalar(value: Any) -> Any:
 def as_float(name: str, value: Any) -> float:
     """A real number (Python, numpy or 0-d torch scalar; not bool, not NaN) as a float."""
     value = _scalar(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool):
+        raise InvalidTypeError(f"{name} must be a number, not a boolean ({value!r})")
+    if not isinstance(value, numbers.Real):
         raise InvalidTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     out = float(value)
     if math.isnan(out):

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from ._deps import require
 from .backbones import build_clip, create_vfm
-from .config import PRECISIONS
 from .errors import InvalidInputError
 from .head import Head, postprocess
 from .methods import MethodCfg, get_method
 from .model import DenseModel
 from .params import unit_interval
+from .precision import resolve_precision
 from .preprocess import is_batch, load_image, normalize_clip, rescale_size, resize_image
 from .result import SegmentationResult
 from .sliding import WindowBatch, slide_inference, window_grid
@@ -53,6 +54,12 @@ def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
+def _check_requirements(cfg: MethodCfg) -> None:
+    """Raise ``MissingDependencyError`` (with the pip line) for an optional package the strategy needs."""
+    for module, extra, what in cfg.strategy_cls.requirements(cfg.strategy_options):
+        require(module, extra, what)
+
+
 def _per_role(value: Any, roles: Sequence[str], what: str) -> Dict[str, Any]:
     """``value`` for the ``"vfm"`` role, or a mapping role -> value when its keys are all roles."""
     if isinstance(value, Mapping) and value and set(value) <= set(roles) and not (what == "vfm_kwargs" and
@@ -79,7 +86,9 @@ class Segmenter:
         vfm_weights: None (official weights), a local checkpoint path, or ``"random"``; a mapping
             ``{role: weights}`` for methods with several VFMs.
         device: default CUDA when available, else CPU.
-        precision: ``fp32``, ``fp16`` or ``bf16`` autocast (default fp32 on CPU, fp16 on CUDA).
+        precision: ``"auto"`` (default): fp16 autocast on CUDA, bf16 on a CPU with native bf16 (AMX,
+            AVX512-BF16), fp32 otherwise (:func:`ovseg.precision.resolve_precision`; ``OVSEG_PRECISION`` pins it);
+            or ``fp32``, ``fp16``, ``bf16`` (on a CPU without native support: a warning, it is emulated and slow).
         seed: seed for ``"random"`` weights.
         clip_kwargs: open_clip model-config overrides (e.g. a smaller ``vision_cfg`` for tests).
         vfm_kwargs: keyword options of the VFM builder, e.g. ``{"block": 1}`` for SD or
@@ -127,19 +136,17 @@ class Segmenter:
         weights_by_role = _per_role(vfm_weights, list(vfm_names), "vfm_weights")
         kwargs_by_role = _per_role(vfm_kwargs, list(vfm_names), "vfm_kwargs")
         self.device = _resolve_device(device)
-        if precision is None:
-            precision = "fp16" if self.device.type == "cuda" else "fp32"
-        if precision not in PRECISIONS:
-            raise InvalidInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.precision = precision
+        self.precision_request = "auto" if precision is None else precision
+        self.precision = resolve_precision(self.precision_request, self.device)  # "fp32", "fp16" or "bf16"
         self.templates = get_templates(self.cfg.templates)
+        _check_requirements(self.cfg)  # a missing optional package fails before anything is built or downloaded
         clip_model = build_clip(self.cfg.clip, self.cfg.clip_weights, tag=clip_tag, seed=seed,
                                 model_kwargs=clip_kwargs)
         vfms = {role: create_vfm(name, weights_by_role.get(role), seed=seed, **(kwargs_by_role.get(role) or {}))
                 for role, name in vfm_names.items()}
         strategy = self.cfg.strategy_cls(**self.cfg.strategy_options)
         self.model = DenseModel(clip_model, strategy, vfms).to(self.device).eval()
-        self.text = TextClassifier(self.model.clip)
+        self.text = TextClassifier(self.model.clip)  # .progress = True: a bar when hundreds of prompts are encoded
         # full-resolution post-processing works on bands of rows: at most band_pixels pixels and about band_bytes
         # of float32 temporaries (the band's logits, class scores and their softmax, ~3 x (Q + C) per pixel)
         self.band_pixels = 1 << 21
@@ -197,12 +204,13 @@ class Segmenter:
         """Move the model; on failure (e.g. out of memory) everything stays where it was."""
         new = _resolve_device(device)
         old = self.device
+        precision = resolve_precision(self.precision_request, new)  # "auto" follows the device
         try:
             self.model.to(new)
         except Exception:
             self.model.to(old)
             raise
-        self.device = new
+        self.device, self.precision = new, precision
         return self
 
     def configure(self, **options: Any) -> "Segmenter":
@@ -217,9 +225,11 @@ class Segmenter:
             raise InvalidInputError("these options change the VFMs the method needs; build a new Segmenter")
         templates = get_templates(cfg.templates)
         strategy_options = cfg.strategy_options
+        _check_requirements(cfg)
         # everything is validated: commit
         self.model.strategy.set_options(strategy_options)
         self.cfg, self.templates = cfg, templates
+        self.model.strategy.setup(self.model)  # parts the new options need (built once, kept afterwards)
         return self
 
     def _autocast(self):
@@ -240,6 +250,7 @@ class Segmenter:
         for vfm in self.model.vfms.values():
             vh, vw = vfm.grid_size(height, width)
             total += 10 * vh * vw * int(getattr(vfm, "width", vfm.embed_dim)) + 3 * (vh * vw) ** 2
+        total += self.model.strategy.window_elements(self.model, height, width)
         return total * itemsize
 
     def batch_size_for(self, height: int, width: int) -> int:
@@ -276,16 +287,16 @@ class Segmenter:
         if not isinstance(rgb, np.ndarray):
             rgb = (rgb * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         mask_t = None
-        if masks is not None:
-            mask_t = torch.as_tensor(np.asarray(masks))
-            if tuple(mask_t.shape) != (h0, w0):
-                raise InvalidInputError(f"masks must be an (H, W) = ({h0}, {w0}) label image for this input, "
-                                        f"got shape {tuple(mask_t.shape)}")
+        if masks is not None:  # a label image or boolean masks -> one (H0, W0) int64 region map (ovseg.masks)
+            from .masks import as_region_map
+
+            mask_t = as_region_map(masks, (h0, w0))
         return ImageContext(index=index, x=x, rgb=rgb, masks=mask_t)
 
     def _infer(self, images: Sequence[Any], labelset: LabelSet, progress: bool, masks: Optional[Sequence] = None
                ) -> Tuple[List[ImageContext], List[torch.Tensor]]:
-        """Window-averaged cosine logits (Q, H, W) at each image's resized resolution, with the image contexts."""
+        """Window-averaged cosine logits (Q, H, W) at each image's resized resolution (on the strategy's own grid
+        for ``native_grid`` strategies in whole-image mode), with the image contexts."""
         text = self.text(labelset.queries, self.templates, device=self.device)
         contexts = [self._prepare(i, src, None if masks is None else masks[i]) for i, src in enumerate(images)]
         strategy = self.model.strategy
@@ -293,6 +304,8 @@ class Segmenter:
             for ctx in contexts:
                 strategy.prepare(self.model, ctx, text)
         aux = [getattr(strategy, "aux_maps", lambda c: {})(ctx) for ctx in contexts]
+        native = strategy.native_grid and self.cfg.window is None
+        keys = [strategy.batch_key(self.model, ctx) for ctx in contexts]
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -312,7 +325,8 @@ class Segmenter:
         logits = slide_inference([c.x for c in contexts], window_fn, window=self.cfg.window, stride=self.cfg.stride,
                                  pad_multiple=self.cfg.pad_multiple, batch_size=batch_size,
                                  progress=bar.update if bar is not None else None,
-                                 aux=aux if any(aux) else None, with_context=True)
+                                 aux=aux if any(aux) else None, with_context=True, native=native,
+                                 group_keys=keys)
         if bar is not None:
             bar.close()
         return contexts, logits
@@ -366,7 +380,9 @@ class Segmenter:
             if not refines and need_values:
                 self._fill(r0, r1, band, scores, lab, score, probs, logits, out_dev)
         if refines:
-            def scores_at(size: Tuple[int, int]) -> torch.Tensor:
+            def scores_at(size: Tuple[int, int], rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                if rows is not None:  # a band of rows: bounded memory at full resolution
+                    return head.scores(resize_rows(lg, tuple(size), int(rows[0]), int(rows[1])), qc, nc)
                 small = F.interpolate(lg[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
                 return head.scores(small, qc, nc)
 
@@ -404,9 +420,13 @@ class Segmenter:
     def _masks(self, masks: Any, batch: bool, n: int) -> Optional[List[Any]]:
         if masks is None:
             return None
+        if not self.model.strategy.uses_masks:
+            raise InvalidInputError(f"method '{self.cfg.name}' does not use region masks; masks= is for methods "
+                                    "that do (e.g. 'corrclip')")
         masks = list(masks) if batch else [masks]
         if len(masks) != n:
-            raise InvalidInputError(f"got {len(masks)} masks for {n} images; give one label image per image")
+            raise InvalidInputError(f"got {len(masks)} masks for {n} images; give one label image per image "
+                                    "(None for an image whose masks the method should generate)")
         return masks
 
     def predict(
@@ -433,7 +453,11 @@ class Segmenter:
             return_probs: also keep the class probabilities (C, H, W) float32 (memory: 4·C·H·W bytes; off by
                 default, ``res.score`` always holds the probability of the chosen label).
             progress: show progress bars over windows and over full-resolution post-processing.
-            masks: region masks for methods that use them (an int label image (H, W) per image).
+            masks: region masks for methods that use them (CorrCLIP), per image: an integer label image (H, W)
+                (equal values form a region; its smallest value means "no mask"), boolean masks ((K, H, W) or a
+                list of (H, W)), or SAM's automatic-mask output, painted smallest area first with ids 1..K
+                (docs/masks.md); None lets the method's mask generator run. A list with one entry per image for
+                a batch.
         """
         batch, images = self._images(image)
         labelset = parse_labels(labels)

@@ -6,7 +6,7 @@ upsampled to the (padded) window, the padding is cut away, and logits are averag
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +95,8 @@ def slide_inference(
     progress: Optional[Callable[[int], None]] = None,
     aux: Optional[Sequence[Mapping[str, Tuple[torch.Tensor, float]]]] = None,
     with_context: bool = False,
+    native: bool = False,
+    group_keys: Optional[Sequence[Hashable]] = None,
 ) -> List[torch.Tensor]:
     """Average window logits over each image.
 
@@ -110,11 +112,19 @@ def slide_inference(
         progress: called with the number of windows finished after each batch.
         aux: per image, maps cut into windows alongside it: ``{name: ((C, H, W) tensor, pad value)}``.
         with_context: pass a :class:`WindowBatch` as the second argument of ``forward_fn``.
+        native: whole-image mode only: keep each image's logits on the grid ``forward_fn`` returns them on (no
+            resize to the image; the caller resizes them later). Padding is refused then.
+        group_keys: per image, a key; windows are only batched with windows of images with the same key (and
+            the same window size).
 
     Returns:
-        list of (Q, H, W) float32 logits, one per image.
+        list of (Q, H, W) float32 logits, one per image ((Q, h', w') on the model's grid with ``native``).
     """
     size_of = batch_size if callable(batch_size) else (lambda h, w: batch_size)
+    if native and window is not None:
+        raise InvalidInputError("native logits need whole-image inference (window=None)")
+    if group_keys is not None and len(group_keys) != len(images):
+        raise InvalidInputError(f"got {len(group_keys)} group keys for {len(images)} images")
     jobs = []  # (image index, box)
     for i, img in enumerate(images):
         if img.dim() != 3:
@@ -124,13 +134,17 @@ def slide_inference(
         jobs.extend((i, b) for b in boxes)
     groups = {}
     for job in jobs:
-        _, (y1, y2, x1, x2) = job
-        groups.setdefault((y2 - y1, x2 - x1), []).append(job)
+        i, (y1, y2, x1, x2) = job
+        key = None if group_keys is None else group_keys[i]
+        groups.setdefault((y2 - y1, x2 - x1, key), []).append(job)
 
     preds: List[Optional[torch.Tensor]] = [None] * len(images)
     counts = [torch.zeros(img.shape[-2:], device=img.device) for img in images]
-    for (h, w), group in groups.items():
+    for (h, w, _), group in groups.items():
         left, right, top, bottom = pad_amounts(h, w, pad_multiple)
+        if native and (left or right or top or bottom):
+            raise InvalidInputError(f"native logits cannot be combined with padding to a multiple of "
+                                    f"{pad_multiple}; use pad_multiple=0")
         bs = int(size_of(h + top + bottom, w + left + right))
         if bs < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {bs}")
@@ -150,6 +164,10 @@ def slide_inference(
             else:
                 logits = forward_fn(crops)
             for n, (i, (y1, y2, x1, x2)) in enumerate(batch):
+                if native:  # the image's logits on the model's own grid; one window per image
+                    preds[i] = logits[n].float()
+                    counts[i] = None
+                    continue
                 win = F.interpolate(logits[n:n + 1].float(), size=crops.shape[-2:], mode="bilinear",
                                     align_corners=False)[0, :, top:top + h, left:left + w]
                 if preds[i] is None:
@@ -158,4 +176,4 @@ def slide_inference(
                 counts[i][y1:y2, x1:x2] += 1
             if progress is not None:
                 progress(len(batch))
-    return [p / c for p, c in zip(preds, counts)]
+    return [p if c is None else p / c for p, c in zip(preds, counts)]

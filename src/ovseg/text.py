@@ -13,12 +13,15 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from .errors import InvalidInputError, InvalidTypeError, PathNotFoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cache import TextEmbeddingCache
 
 logger = logging.getLogger(__name__)
 
@@ -230,45 +233,135 @@ def get_templates(name: Union[str, Sequence] = "openai_imagenet") -> Tuple[str, 
 
 
 class TextClassifier:
-    """Query embeddings (Q, E), unit-norm float32, cached per (model, queries, templates) in a bounded LRU."""
+    """Query embeddings (Q, E), unit-norm float32, from three layers: an in-memory LRU per query, the persistent
+    disk cache (:mod:`ovseg.cache`), and the CLIP text tower for the queries still missing — adding one label to a
+    list encodes that label only.
 
-    def __init__(self, clip, *, batch_size: int = 256, cache_size: int = 32):
+    Args:
+        clip: the CLIP adapter (``tokenize``, ``encode_text``, ``model``).
+        batch_size: prompts per text-tower call (whole queries: ``batch_size // len(templates)`` queries at a time,
+            whose prompts share the template prefixes).
+        cache_size: query embeddings kept in memory (per template set).
+        disk_cache: ``None`` follows ``OVSEG_TEXT_CACHE`` (on by default, under ``$OVSEG_HOME``); ``False`` turns it
+            off; a :class:`ovseg.cache.TextEmbeddingCache` uses that one.
+        progress: a progress bar when more than 256 prompts are encoded.
+    """
+
+    def __init__(self, clip, *, batch_size: int = 1024, cache_size: int = 4096,
+                 disk_cache: Union[bool, None, "TextEmbeddingCache"] = None, progress: bool = False):
         self.clip = clip
         self.batch_size = batch_size
         self.cache_size = cache_size
-        self._cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self.disk_cache = disk_cache
+        self.progress = progress
+        self._cache: "OrderedDict[Tuple[Tuple[str, ...], str], torch.Tensor]" = OrderedDict()
+        self._model_key: Optional[dict] = None
+        self._model_key_done = False
+        self.hits = 0  # calls answered from memory alone
+        self.misses = 0  # calls that needed the disk cache or the text tower
+        self.disk_hits = 0  # queries read from the disk cache
+        self.encoded = 0  # queries encoded by the text tower
 
     def cache_info(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "size": len(self._cache), "max_size": self.cache_size}
+        return {"hits": self.hits, "misses": self.misses, "size": len(self._cache), "max_size": self.cache_size,
+                "disk_hits": self.disk_hits, "encoded": self.encoded}
 
     def clear_cache(self) -> None:
+        """Forget the in-memory embeddings (the disk cache is kept: ``ovseg cache clear`` empties it)."""
         self._cache.clear()
 
-    @torch.inference_mode()
-    def __call__(self, queries: Sequence[str], templates: Sequence[str], device=None) -> torch.Tensor:
+    def _remember(self, templates: Tuple[str, ...], query: str, emb: torch.Tensor) -> None:
+        self._cache[(templates, query)] = emb
+        self._cache.move_to_end((templates, query))
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _disk(self):
+        """(cache, model key) when the disk cache is usable for this model, else (None, None)."""
+        from .cache import TextEmbeddingCache, clip_text_identity, text_cache_enabled
+
+        if self.disk_cache is False or (self.disk_cache is None and not text_cache_enabled()):
+            return None, None
+        cache = self.disk_cache if isinstance(self.disk_cache, TextEmbeddingCache) else TextEmbeddingCache()
+        if not self._model_key_done:
+            self._model_key_done = True
+            try:
+                self._model_key = clip_text_identity(self.clip)
+            except Exception as e:  # an unreadable weights file, an unusual adapter: run without the disk cache
+                logger.warning("text-embedding disk cache off for this model: %s: %s", type(e).__name__, e)
+                self._model_key = None
+        return (cache, self._model_key) if self._model_key is not None else (None, None)
+
+    def prime(self, queries: Sequence[str], templates: Sequence[str], embeddings: torch.Tensor) -> None:
+        """Put embeddings computed elsewhere (e.g. broadcast by rank 0 under torchrun) into the in-memory cache.
+
+        Args:
+            queries: Q query strings.
+            templates: the template set they were computed with.
+            embeddings: (Q, E) unit-norm rows, as returned by calling a classifier of the same CLIP model.
+        """
         templates = tuple(templates)
-        key = (tuple(queries), templates)  # one classifier per CLIP model
-        if key in self._cache:
+        if embeddings.dim() != 2 or embeddings.shape[0] != len(queries):
+            raise InvalidInputError(f"embeddings must be (Q={len(queries)}, E), got {tuple(embeddings.shape)}")
+        emb = embeddings.detach().float().cpu()
+        for q, e in zip(queries, emb):
+            self._remember(templates, q, e.clone())
+
+    @torch.inference_mode()
+    def __call__(self, queries: Sequence[str], templates: Sequence[str], device=None, *,
+                 progress: Optional[bool] = None) -> torch.Tensor:
+        """(Q, E) unit-norm float32 embeddings of ``queries`` (on ``device``, default CPU)."""
+        templates = tuple(templates)
+        found: Dict[str, torch.Tensor] = {}
+        for q in dict.fromkeys(queries):
+            e = self._cache.get((templates, q))
+            if e is not None:
+                self._cache.move_to_end((templates, q))
+                found[q] = e
+        missing = [q for q in dict.fromkeys(queries) if q not in found]
+        if not missing:
             self.hits += 1
-            self._cache.move_to_end(key)
-            emb = self._cache[key]
         else:
             self.misses += 1
-            emb = self._encode(queries, templates)
-            self._cache[key] = emb
-            if len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            cache, key = self._disk()
+            if cache is not None:
+                got = cache.get_many(key, templates, missing)
+                self.disk_hits += len(got)
+                found.update(got)
+            todo = [q for q in missing if q not in found]
+            if todo:
+                new = self._encode(todo, templates, self.progress if progress is None else progress)
+                self.encoded += len(todo)
+                found.update(new)
+                if cache is not None:
+                    cache.put_many(key, templates, new)
+            for q in missing:
+                self._remember(templates, q, found[q])
+        emb = torch.stack([found[q] for q in queries])  # (Q, E)
         return emb if device is None else emb.to(device)
 
-    def _encode(self, queries: Sequence[str], templates: Tuple[str, ...]) -> torch.Tensor:
-        prompts = [t.replace("{}", q) for q in queries for t in templates]
+    def _encode(self, queries: Sequence[str], templates: Tuple[str, ...], progress: bool) -> Dict[str, torch.Tensor]:
+        """{query: (E,) float32 CPU}: each query written into every template, each prompt embedding L2-normalised,
+        the mean over templates L2-normalised again."""
         device = next(self.clip.parameters()).device
-        chunks = []
-        for i in range(0, len(prompts), self.batch_size):
-            tokens = self.clip.tokenize(prompts[i:i + self.batch_size]).to(device)
-            chunks.append(F.normalize(self.clip.encode_text(tokens).float(), dim=-1))
-        emb = torch.cat(chunks).view(len(queries), len(templates), -1).mean(dim=1)
+        per_batch = max(1, self.batch_size // len(templates))  # whole queries per text-tower call
+        bar = None
+        if progress and len(queries) * len(templates) > 256:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(queries) * len(templates), desc="text prompts", unit="prompt")
+        out = {}
+        try:
+            for i in range(0, len(queries), per_batch):
+                chunk = queries[i:i + per_batch]
+                tokens = self.clip.tokenize([t.replace("{}", q) for q in chunk for t in templates]).to(device)
+                emb = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)  # (q·T, E)
+                emb = F.normalize(emb.view(len(chunk), len(templates), -1).mean(dim=1), dim=-1).cpu()  # (q, E)
+                out.update(zip(chunk, emb))
+                if bar is not None:
+                    bar.update(len(chunk) * len(templates))
+        finally:
+            if bar is not None:
+                bar.close()
         logger.info("encoded %d queries x %d templates", len(queries), len(templates))
-        return F.normalize(emb, dim=-1)
+        return out

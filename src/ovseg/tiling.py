@@ -8,14 +8,15 @@ only on image/mask values within that distance; beyond the image border replicat
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidInputError
 from .pamr import pamr
 
-__all__ = ["resize_rows", "row_bands", "pamr_rows"]
+__all__ = ["resize_rows", "resize_rows_from", "row_bands", "pamr_rows"]
 
 
 def _src_index(out_len: int, in_len: int, start: int, stop: int, device) -> Tuple[torch.Tensor, torch.Tensor,
@@ -36,12 +37,39 @@ def resize_rows(x: torch.Tensor, size: Tuple[int, int], start: int, stop: int) -
     x: (C, h, w) -> (C, stop - start, W), float32. Bilinear interpolation is separable: the rows are interpolated
     here with PyTorch's source-index rule, the columns by ``F.interpolate(mode='linear')`` (the same rule).
     """
+    return resize_rows_from(lambda r0, r1: x[:, r0:r1], tuple(x.shape[-2:]), size, start, stop, device=x.device)
+
+
+def resize_rows_from(
+    fetch: Callable[[int, int], torch.Tensor],
+    in_size: Tuple[int, int],
+    size: Tuple[int, int],
+    start: int,
+    stop: int,
+    *,
+    device=None,
+) -> torch.Tensor:
+    """:func:`resize_rows` of a map that is only available band by band (e.g. computed on demand).
+
+    Args:
+        fetch: ``fetch(r0, r1)`` returns rows [r0, r1) of the source map, (C, r1 - r0, w).
+        in_size: the source map's (h, w).
+        size: the output (H, W); larger or smaller than ``in_size``.
+        start, stop: the output rows wanted.
+
+    Returns:
+        (C, stop - start, W) float32, equal to rows [start, stop) of the bilinear resize (align_corners False, no
+        antialias) of the whole source.
+    """
     h_out, w_out = size
-    c, h, w = x.shape
-    x = x.float()
-    y0, y1, ly = _src_index(h_out, h, start, stop, x.device)
-    ly = ly.view(1, -1, 1)
-    rows = x[:, y0] * (1 - ly) + x[:, y1] * ly  # (C, n, w)
+    h, w = in_size
+    y0, y1, ly = _src_index(h_out, h, start, stop, device)
+    lo, hi = int(y0.min()), int(y1.max()) + 1
+    band = fetch(lo, hi).float()  # (C, hi - lo, w)
+    if tuple(band.shape[-2:]) != (hi - lo, w):
+        raise InvalidInputError(f"fetch({lo}, {hi}) returned shape {tuple(band.shape)}, expected (C, {hi - lo}, {w})")
+    ly = ly.to(band.device).view(1, -1, 1)
+    rows = band[:, (y0 - lo).to(band.device)] * (1 - ly) + band[:, (y1 - lo).to(band.device)] * ly  # (C, n, w)
     if w == w_out:
         return rows
     return F.interpolate(rows, size=w_out, mode="linear", align_corners=False)  # (C, n, W)

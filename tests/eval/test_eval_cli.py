@@ -152,3 +152,46 @@ def test_torchrun_two_processes_equal_one(voc, tmp_path):
     # each rank wrote its own, disjoint share of the predictions
     assert len(list(Path(r2["predictions"]).glob("*.png"))) == 4
     assert r1["prediction_key"] == r2["prediction_key"]
+
+
+_COUNTING_DRIVER = '''
+import json, os, sys
+from ovseg import cache, text
+counts = {"encoded": 0, "disk_reads": 0}
+encode, get_many = text.TextClassifier._encode, cache.TextEmbeddingCache.get_many
+def _encode(self, queries, templates, progress):
+    counts["encoded"] += len(queries)
+    return encode(self, queries, templates, progress)
+def _get_many(self, key, templates, queries):
+    queries = list(queries)
+    counts["disk_reads"] += len(queries)
+    return get_many(self, key, templates, queries)
+text.TextClassifier._encode, cache.TextEmbeddingCache.get_many = _encode, _get_many
+from ovseg.cli import main
+rc = main(sys.argv[2:])
+with open(os.path.join(sys.argv[1], "counts_%s.json" % os.environ.get("RANK", "0")), "w") as f:
+    json.dump(counts, f)
+sys.exit(rc)
+'''
+
+
+def test_torchrun_encodes_the_queries_once_and_shares_them(voc, tmp_path):
+    """Rank 0 encodes each query once (the disk cache serves a second run); rank 1 gets the embeddings by broadcast
+    and neither encodes nor reads the disk cache."""
+    from ovseg.eval.presets import get_eval_preset, read_class_file
+
+    preset = get_eval_preset("naclip", "voc21")
+    n_queries = len(set(read_class_file(preset.class_file, preset.separator).queries))
+    driver = tmp_path / "driver.py"
+    driver.write_text(_COUNTING_DRIVER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OVSEG_HOME=str(tmp_path / "home"))
+    for run, expected_rank0 in (("first", {"encoded": n_queries, "disk_reads": n_queries}),
+                                ("second", {"encoded": 0, "disk_reads": n_queries})):
+        counts = tmp_path / run
+        counts.mkdir()
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            str(driver), str(counts), "eval", "--dataset", "voc21", "--root", str(voc), *FAST,
+                            "--limit", "2"], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads((counts / "counts_0.json").read_text()) == expected_rank0, run
+        assert json.loads((counts / "counts_1.json").read_text()) == {"encoded": 0, "disk_reads": 0}, run

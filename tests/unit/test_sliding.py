@@ -106,3 +106,28 @@ def test_batch_size_controls_forward_calls():
 def test_as_pair_rejects(bad, exc):
     with pytest.raises(exc, match="window"):
         as_pair(bad, "window")
+
+
+def test_native_logits_stay_on_the_model_grid_and_group_keys_split_batches():
+    # whole-image mode with ``native``: the forward's grid is kept (no resize to the image); group keys keep
+    # images with different keys out of one batch even when their sizes agree
+    imgs = [torch.randn(3, 40, 60), torch.randn(3, 40, 60), torch.randn(3, 40, 60), torch.randn(3, 30, 50)]
+    calls = []
+
+    def model(crops):
+        calls.append(crops.shape[0])
+        return crops[:, :2, ::4, ::4] * 2  # a 4x coarser grid
+
+    out = slide_inference(imgs, model, window=None, stride=None, batch_size=8, native=True,
+                          group_keys=["a", "b", "a", "a"])
+    for img, o in zip(imgs, out):
+        torch.testing.assert_close(o, img[:2, ::4, ::4] * 2)  # not resized
+    assert sorted(calls) == [1, 1, 2]  # (img 0, img 2) together; img 1 alone (key); img 3 alone (size)
+    resized = slide_inference(imgs[:1], model, window=None, stride=None)[0]
+    assert resized.shape == (2, 40, 60)  # without ``native`` the logits are resized to the image
+    with pytest.raises(ValueError, match="whole-image"):
+        slide_inference(imgs, model, window=(20, 20), stride=(10, 10), native=True)
+    with pytest.raises(ValueError, match="padding"):
+        slide_inference(imgs, model, window=None, stride=None, native=True, pad_multiple=56)
+    with pytest.raises(ValueError, match="group keys"):
+        slide_inference(imgs, model, window=None, stride=None, group_keys=["a"])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.pamr import pamr
-from ovseg.tiling import pamr_rows, resize_rows, row_bands
+from ovseg.tiling import pamr_rows, resize_rows, resize_rows_from, row_bands
 
 EPS = torch.finfo(torch.float32).eps  # 2**-23: one ulp of 1.0
 
@@ -84,3 +84,24 @@ def test_pamr_bands_with_halo_equal_full_image():
     cut = [pamr_rows(img, lg, size, a, b, steps=steps, dilations=dil, halo=0)
            for a, b in row_bands(240, 170, max_pixels=170 * 20, min_rows=5)]
     assert (torch.cat(cut, dim=1) - full).abs().max() > 100 * pamr_tolerance(lg_full, steps)
+
+
+@pytest.mark.parametrize("size", [(18, 26), (12, 53), (37, 20), (90, 140)])
+def test_resize_rows_from_fetches_only_the_rows_it_needs(size):
+    # a map given band by band (as Trident's refinement computes its full-resolution probabilities): each band of
+    # the resize asks only for the source rows it interpolates from, and equals the whole-map resize
+    x = torch.randn(4, 37, 53, generator=torch.Generator().manual_seed(1))
+    asked = []
+
+    def fetch(r0, r1):
+        asked.append((r0, r1))
+        return x[:, r0:r1]
+
+    ref = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    bands = list(row_bands(size[0], size[1], max_pixels=5 * size[1], min_rows=5))
+    out = torch.cat([resize_rows_from(fetch, (37, 53), size, a, b) for a, b in bands], dim=1)
+    torch.testing.assert_close(out, ref, rtol=0, atol=bilinear_tolerance(x, size))
+    rows_per_band = max(b - a for a, b in bands)
+    assert max(r1 - r0 for r0, r1 in asked) <= 2 + rows_per_band * 37 / size[0] + 1
+    with pytest.raises(ValueError, match="fetch"):
+        resize_rows_from(lambda a, b: x[:, :1], (37, 53), size, 0, 3)

@@ -362,8 +362,12 @@ class CLIPAdapter(nn.Module):
         return self.tokenizer(list(texts))
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, context) token ids -> (N, E) text embeddings (not normalised)."""
-        return self.model.encode_text(tokens)
+        """(N, context) token ids -> (N, E) text embeddings (not normalised), equal to open_clip's ``encode_text``
+        to float32 rounding: causal text towers run only up to each prompt's end-of-text token, sharing the
+        prompts' common prefixes (``ovseg.backbones.clip_text``)."""
+        from .clip_text import encode_text
+
+        return encode_text(self.model, tokens)
 
 
 def _validate_arch(arch: str) -> None:

@@ -78,6 +78,81 @@ BASELINE: Dict[str, EvalPreset] = {k: dataclasses.replace(v, logit_scale=40.0, a
 HARNESS = {"proxyclip": PROXYCLIP, "naclip": NACLIP, "sclip": SCLIP, "clearclip": BASELINE, "maskclip": BASELINE,
            "clip": BASELINE}
 
+# CorrCLIP v1's configs (ProxyCLIP's harness; its own class files: "people" for "person", and COCO-Object's
+# background without "bed"); mask files per benchmark: ovseg.masks.REGION_MASK_FOLDERS
+_CC = "corrclip/"
+CORRCLIP: Dict[str, EvalPreset] = {
+    "voc21": _p(_CC + "voc21.txt", _PROXY, 336, 336, 112, 0.2),
+    "voc20": _p(_CC + "voc20.txt", _PROXY, 336, 336, 112),
+    "context60": _p(_CC + "context60.txt", _PROXY, 336, 336, 112, 0.15),
+    "context59": _p(_CC + "context59.txt", _PROXY, 336, 336, 112),
+    "cityscapes": _p(_CC + "city_scapes.txt", _PROXY, 448, 224, 112),
+    "ade20k": _p(_CC + "ade20k.txt", _PROXY, 448, 336, 112),
+    "coco_stuff": _p(_CC + "coco_stuff.txt", _PROXY, 336, 336, 112),
+    "coco_object": _p(_CC + "coco_object.txt", _PROXY, 336, 336, 112, 0.25),
+}
+HARNESS.update(corrclip=CORRCLIP, corrclip_l14=CORRCLIP)
+
+# SC-CLIP (SuleBai/SC-CLIP configs): SCLIP's harness (NACLIP's class files, byte-identical), 224/112 windows,
+# VOC21 with logit scale 50, prob_thd 0.15 and the area filter, COCO-Object 55 / 0.35, Context60 0.15.
+SCCLIP: Dict[str, EvalPreset] = {
+    "voc21": _p("naclip/voc21.txt", _NAC, 336, 224, 112, 0.15, 50.0, area_threshold=0.1),
+    "context60": _p("shared_context60.txt", _NAC, 336, 224, 112, 0.15),
+    "coco_object": _p("naclip/coco_object.txt", _NAC, 336, 224, 112, 0.35, 55.0),
+    "voc20": _p("naclip/voc20.txt", _NAC, 336, 224, 112),
+    "context59": _p("shared_context59.txt", _NAC, 336, 224, 112),
+    "coco_stuff": _p("shared_coco_stuff.txt", _NAC, 336, 224, 112),
+    "cityscapes": _p("shared_city_scapes.txt", _NAC, 560, 224, 112),
+    "ade20k": _p("shared_ade20k.txt", _NAC, 336, 224, 112),
+}
+
+
+def _res(cls, short, window, thd, temp, rcs, sfr, note=""):
+    stride = 112 if window else None
+    return _p(cls, _NAC, short, window, stride, thd, 40.0, note,
+              options={"temp_thd": temp, "rcs_mix": rcs, "sfr_mix": sfr})
+
+
+# ResCLIP (yvhangyang/ResCLIP configs): NACLIP's harness (whole-image VOC21/VOC20) with per-dataset first-pass
+# threshold and RCS/SFR (tau, lambda); one set for every base method.
+RESCLIP: Dict[str, EvalPreset] = {
+    "voc21": _res("naclip/voc21.txt", 336, None, 0.1, 0.50, (2.0, 0.3), (2.2, 0.7), "whole-image inference"),
+    "context60": _res("shared_context60.txt", 336, 224, 0.1, 0.30, (2.0, 0.3), (1.8, 0.7)),
+    "coco_object": _res("naclip/coco_object.txt", 336, 224, 0.1, 0.11, (2.0, 0.4), (1.8, 0.7)),
+    "voc20": _res("naclip/voc20.txt", 336, None, 0.0, 0.10, (2.0, 0.6), (2.1, 0.6), "whole-image inference"),
+    "context59": _res("shared_context59.txt", 336, 224, 0.0, 0.25, (2.0, 0.4), (1.8, 0.7)),
+    "coco_stuff": _res("shared_coco_stuff.txt", 336, 224, 0.0, 0.11, (2.0, 0.4), (1.8, 0.7)),
+    "cityscapes": _res("shared_city_scapes.txt", 560, 224, 0.0, 0.10, (2.0, 0.2), (2.1, 0.6)),
+    "ade20k": _res("shared_ade20k.txt", 336, 224, 0.0, 0.25, (2.0, 0.3), (2.1, 0.7)),
+}
+HARNESS.update(scclip=SCCLIP, resclip=RESCLIP, resclip_sclip=RESCLIP, resclip_clearclip=RESCLIP)
+
+
+# ---- Trident (ICCV 2025): configs/cfg_*.py over configs/base_config.py of the official code. Whole-image mode
+# (the strategy cuts its own 336 sub-images with ``slide_stride``); the class files are ProxyCLIP's (identical).
+def _tri(cls, short, stride, thd, cos_fac, neg, tau, note="", sep=_PROXY, **opts):
+    return EvalPreset(cls, sep, short, None, None, thd, 40.0, note, options=dict(
+        slide_stride=stride, cos_fac=cos_fac, refine_neg_cos=neg, coarse_thresh=tau, sam_halves=False, **opts))
+
+
+TRIDENT: Dict[str, EvalPreset] = {
+    "voc21": _tri("proxyclip/voc21.txt", 448, 224, 0.2, 1.2, True, 0.2),
+    "context60": _tri("shared_context60.txt", 576, 224, 0.15, 1.2, True, 0.15),
+    "coco_object": _tri("proxyclip/coco_object.txt", 448, 224, 0.25, 1.2, True, 0.25),
+    "voc20": _tri("proxyclip/voc20.txt", 336, 112, 0.0, 0.0, True, 0.2),
+    "context59": _tri("shared_context59.txt", 576, 224, 0.0, 1.2, True, 0.15),
+    "coco_stuff": _tri("shared_coco_stuff.txt", 448, 224, 0.0, 1.2, True, 0.05),
+    "cityscapes": dataclasses.replace(
+        _tri("shared_city_scapes.txt", 688, 224, 0.0, 3.0, False, 0.1),
+        note="SAM runs on the left and right halves of the picture (the reference's Cityscapes rule)",
+        options=dict(slide_stride=224, cos_fac=3.0, refine_neg_cos=False, coarse_thresh=0.1, sam_halves=True)),
+    "ade20k": _tri("shared_ade20k.txt", 576, 224, 0.0, 1.2, False, 0.05),
+    "pc459": _tri("proxyclip/context459.txt", 448, 224, 0.0, 1.2, True, 0.2, note="not in the official eval_all"),
+    "ade847": _tri("proxyclip/ade847.txt", 448, 224, 0.0, 1.2, True, 0.2, sep=None,
+                   note="not in the official eval_all; comma-separated names used whole"),
+}
+HARNESS.update({"trident": TRIDENT, "trident_l14": TRIDENT, "trident_h14": TRIDENT})
+
 
 # CASS (CVPR 2025), the official configs/cfg_*.py and cass_segmentor.py: NACLIP's harness and class files (byte-
 # identical), 224/112 windows except VOC21 (whole image), per-dataset prior weights β (global_semantics_weight),

@@ -27,7 +27,7 @@ from .published import PAPER_DATASETS, published_for
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dist_info", "evaluate_dataset", "run_eval", "run_suite", "init_distributed"]
+__all__ = ["dist_info", "evaluate_dataset", "run_eval", "run_suite", "init_distributed", "share_text_embeddings"]
 
 
 def _save_png(path: Path, label_map: np.ndarray) -> None:
@@ -50,10 +50,39 @@ def _load_png(path: Path) -> Optional[np.ndarray]:
         return None
 
 
+def share_text_embeddings(seg, queries, *, rank: int = 0, world: int = 1, progress: bool = False) -> torch.Tensor:
+    """Encode a dataset's queries once for the whole run and return them, (Q, E) on ``seg.device``.
+
+    Rank 0 encodes (its persistent text cache helps across runs) and broadcasts the tensor; the other ranks put it
+    into their classifier (``TextClassifier.prime``) and encode nothing. Every later ``predict`` finds the
+    embeddings in memory.
+    """
+    queries = list(queries)
+    if world <= 1:
+        return seg.text(queries, seg.templates, device=seg.device, progress=progress)
+    import torch.distributed as dist
+
+    if rank == 0:
+        emb = seg.text(queries, seg.templates, device=seg.device, progress=progress).contiguous()
+        shape = torch.tensor(emb.shape, dtype=torch.long, device=seg.device)
+    else:
+        shape = torch.zeros(2, dtype=torch.long, device=seg.device)
+    dist.broadcast(shape, src=0)
+    if rank != 0:
+        emb = torch.empty(tuple(int(v) for v in shape.tolist()), dtype=torch.float32, device=seg.device)
+    dist.broadcast(emb, src=0)
+    if rank != 0:
+        seg.text.prime(queries, seg.templates, emb)
+    return emb
+
+
 def evaluate_dataset(seg, dataset: SegmentationFolder, labels, *, pred_dir: Optional[Path] = None,
                      resume: bool = False, rank: int = 0, world: int = 1, limit: Optional[int] = None,
-                     strict_ignore: bool = False, progress: bool = False) -> Tuple[ConfusionMatrix, int]:
-    """This process's share of the dataset -> (local confusion matrix, number of images evaluated)."""
+                     strict_ignore: bool = False, progress: bool = False,
+                     masks_dir: Optional[Path] = None) -> Tuple[ConfusionMatrix, int]:
+    """This process's share of the dataset -> (local confusion matrix, number of images evaluated).
+
+    ``masks_dir``: region masks per image (``<image stem>.npz|.npy|.png``) for mask-guided methods."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     indices = list(range(rank, n, world))
     cm = ConfusionMatrix(dataset.spec.num_classes, strict_ignore=strict_ignore, device=seg.device)
@@ -72,7 +101,12 @@ def evaluate_dataset(seg, dataset: SegmentationFolder, labels, *, pred_dir: Opti
             pred = _load_png(pred_path)
             reused += pred is not None
         if pred is None:
-            pred = seg.predict_label_map(str(img_path), labels)  # stays on the device
+            masks = None
+            if masks_dir is not None:
+                from ..masks import find_mask_file, load_region_map
+
+                masks = load_region_map(find_mask_file(masks_dir, Path(img_path).stem))
+            pred = seg.predict_label_map(str(img_path), labels, masks=masks)  # stays on the device
             if pred_path is not None:
                 _save_png(pred_path, pred.cpu().numpy())
         else:
@@ -109,6 +143,13 @@ def _dataset_options(method: str, dataset: str, overrides: Dict[str, Any]) -> Tu
     return opts, preset
 
 
+def _published(seg, masks: Optional[str]) -> Optional[Dict[str, Any]]:
+    settings = dict(seg.cfg.strategy_options)
+    if getattr(seg.model.strategy, "uses_masks", False):
+        settings["masks"] = "given" if masks else "generated"
+    return published_for(seg.cfg.name, seg.cfg.clip, seg.cfg.vfm, seg.cfg.pamr_steps > 0, settings)
+
+
 def _write_json_atomic(path: Path, data: Dict[str, Any], rank: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{rank}.tmp")
@@ -141,15 +182,22 @@ def prediction_dir(root: Path, key: str, keyed: Dict[str, Any], *, resume: bool,
 def run_eval(seg, dataset_name: str, root: str, *, out_dir: Optional[str] = None, resume: bool = False,
              limit: Optional[int] = None, strict_ignore: bool = False, overrides: Optional[Dict[str, Any]] = None,
              progress: bool = True, rank: int = 0, world: int = 1,
-             vfm_weights: Optional[str] = None) -> Optional[Dict[str, Any]]:
+             vfm_weights: Optional[str] = None, masks: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Evaluate ``seg`` on one dataset with the method's reference settings (``overrides`` on top).
 
+    ``masks``: a folder of region masks for mask-guided methods (CorrCLIP): ``<image stem>.npz`` etc. in
+    ``masks/<dataset>``, CorrCLIP's published layout ``masks/<voc|context|city|ade|coco>``, or ``masks`` itself.
     Returns the result dict on rank 0 (None elsewhere) and writes ``<out>/<dataset>_<method>.json/.md``.
     Predicted label maps go to ``<out>/preds/<dataset>_<method>/<key>/``, where ``key`` hashes everything that
     changes them (:func:`ovseg.provenance.prediction_key`: method options, weights, precision, ovseg version,
     dataset and class names); ``resume`` reuses only predictions with the same key. ``vfm_weights`` is what
     the Segmenter was given (recorded in the settings).
     """
+    masks_dir = None
+    if masks is not None:
+        from ..masks import mask_folder_for
+
+        masks_dir = mask_folder_for(masks, dataset_name)
     opts, preset = _dataset_options(seg.cfg.name, dataset_name, overrides or {})
     seg.configure(**opts)
     labels = read_class_file(preset.class_file, preset.separator)
@@ -160,12 +208,15 @@ def run_eval(seg, dataset_name: str, root: str, *, out_dir: Optional[str] = None
     tag = f"{dataset_name}_{seg.cfg.name}"
     out = Path(out_dir) if out_dir else None
     settings = settings_of(seg, vfm_weights=vfm_weights)
+    given = {"masks": str(masks_dir)} if masks_dir is not None else {}  # given region masks change predictions
     key, keyed = prediction_key(settings, dataset=dataset_name, class_file=preset.class_file,
-                                labels=list(labels.names), queries=list(labels.queries))
+                                labels=list(labels.names), queries=list(labels.queries), **given)
     pred_dir = prediction_dir(out / "preds" / tag, key, keyed, resume=resume, rank=rank) if out else None
     t0 = time.perf_counter()
+    share_text_embeddings(seg, labels.queries, rank=rank, world=world, progress=progress and rank == 0)
     cm, n_local = evaluate_dataset(seg, dataset, labels, pred_dir=pred_dir, resume=resume, rank=rank, world=world,
-                                   limit=limit, strict_ignore=strict_ignore, progress=progress and rank == 0)
+                                   limit=limit, strict_ignore=strict_ignore, progress=progress and rank == 0,
+                                   masks_dir=masks_dir)
     cm.all_reduce()
     n_total = n_local
     if world > 1:
@@ -177,13 +228,14 @@ def run_eval(seg, dataset_name: str, root: str, *, out_dir: Optional[str] = None
     if rank != 0:
         return None
     metrics = cm.compute(labels.names)
-    pub = published_for(seg.cfg.name, seg.cfg.clip, seg.cfg.vfm, seg.cfg.pamr_steps > 0)
+    pub = _published(seg, masks)
     result = {
         "dataset": dataset_name, "root": str(root), "method": seg.cfg.name, "clip": seg.cfg.clip,
         "clip_weights": seg.clip.weights, "vfm": seg.cfg.vfm, "settings": settings,
         "predictions": None if pred_dir is None else str(pred_dir), "prediction_key": key,
         "class_file": preset.class_file, "preset_note": preset.note, "num_images": n_total, "world_size": world,
-        "seconds": round(time.perf_counter() - t0, 2), "strict_ignore": strict_ignore, "metrics": metrics,
+        "seconds": round(time.perf_counter() - t0, 2), "strict_ignore": strict_ignore,
+        **({"masks": str(masks_dir)} if masks_dir is not None else {}), "metrics": metrics,
         "confusion_matrix": cm.mat.cpu().numpy().tolist(),
     }
     if pub and dataset_name in pub["miou"]:
@@ -256,7 +308,7 @@ def run_suite(seg, roots: Dict[str, str], *, datasets=PAPER_DATASETS, out_dir: O
             results[name] = r
     if not results:
         return None
-    pub = published_for(seg.cfg.name, seg.cfg.clip, seg.cfg.vfm, seg.cfg.pamr_steps > 0)
+    pub = _published(seg, kwargs.get("masks"))
     rows = []
     for name in datasets:
         ours = results[name]["metrics"]["mIoU"]

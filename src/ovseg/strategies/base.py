@@ -12,7 +12,7 @@ pipeline (see docs/architecture.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -91,6 +91,11 @@ class DenseStrategy(nn.Module):
     doc: ClassVar[str] = ""
     params: ClassVar[Tuple[Param, ...]] = ()
     needs_text: ClassVar[bool] = False  # forward needs ``context.text`` (e.g. a second pass guided by labels)
+    # In whole-image mode (``window=None``), the logits of a window ARE the image's logits on the strategy's own grid
+    # (e.g. Trident's SAM grid): the predictor keeps them on that grid and resizes them straight to the input's size
+    # (H0, W0) in post-processing, instead of first to the resized image. Windowed inference is unchanged.
+    native_grid: ClassVar[bool] = False
+    uses_masks: ClassVar[bool] = False  # reads region masks (``predict(..., masks=...)``, ``ImageContext.masks``)
 
     def __init__(self, **options: Any):
         super().__init__()
@@ -117,6 +122,12 @@ class DenseStrategy(nn.Module):
         """
         return {}
 
+    @classmethod
+    def requirements(cls, options: Mapping[str, Any]) -> Tuple[Tuple[str, str, str], ...]:
+        """Optional packages the strategy needs with these (resolved) options, as ``(module, extra, what)``;
+        the predictor checks them before building anything (``ovseg._deps.require``). Default: none."""
+        return ()
+
     def set_options(self, options: Mapping[str, Any]) -> None:
         """Replace the options (validated first, so a bad value leaves the strategy unchanged)."""
         self.options = self.check(options)
@@ -124,7 +135,21 @@ class DenseStrategy(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
+    def window_elements(self, model: "DenseModel", height: int, width: int) -> int:
+        """Activation elements one (height x width) window needs beyond the backbones' widest tensors (kept
+        intermediates, extra token streams), for ``Segmenter(memory_budget=...)``. Default: 0."""
+        return 0
+
     # ------------------------------------------------------------------ hooks
+    def setup(self, model: "DenseModel") -> None:
+        """When the model is assembled, and again after the options changed (``Segmenter.configure``): build the
+        parts that depend on the model's backbones (e.g. a decoder loaded from a VFM's release file)."""
+
+    def batch_key(self, model: "DenseModel", image: ImageContext) -> Hashable:
+        """Windows are only batched with windows of images with the same key (default: one key for all), for
+        strategies whose per-image work fixes a shape (e.g. a grid that depends on the original size)."""
+        return None
+
     def prepare(self, model: "DenseModel", image: ImageContext, text: Optional[torch.Tensor]) -> None:
         """Once per image before its windows; store what the windows need in ``image.extra``."""
 
@@ -141,7 +166,9 @@ class DenseStrategy(nn.Module):
                     scores_at: Any = None) -> torch.Tensor:
         """Once per image on the full-resolution label map (H0, W0) int64; return the final map.
 
-        ``scores_at(size)`` gives the class scores (C, h, w) at any size, for refinements that need them.
+        ``scores_at(size)`` gives the class scores (C, h, w) at any size, for refinements that need them;
+        ``scores_at(size, rows=(r0, r1))`` only rows [r0, r1) of them (C, r1 - r0, w), so that full-resolution work
+        can go band by band.
         """
         return label_map
 
