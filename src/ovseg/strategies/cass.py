@@ -76,6 +76,12 @@ class CASS(DenseStrategy):
     def vfm_roles(cls, options: Mapping[str, Any]) -> Dict[str, Optional[str]]:
         return {"vfm": "dino_b8"}
 
+    def window_elements(self, model, height: int, width: int) -> int:
+        """The per-head (L, L) float64 matrices alive at once (the two graphs, the reconstruction, the combined
+        logits and the attention weights, ~6 of them at 2 float32 elements each); heads run one at a time."""
+        gh, gw = model.clip.grid_size(height, width)
+        return 12 * (gh * gw) ** 2
+
     # ------------------------------------------------------------------ pieces
     @staticmethod
     def _attn_norm(model, x: torch.Tensor) -> torch.Tensor:
