@@ -294,3 +294,32 @@ def test_label_text_and_image_discovery(photos):
     assert [p.name for p in find_images([str(d / "*.jpg")])] == ["a.jpg"]
     with pytest.raises(FileNotFoundError):
         find_images([str(d / "*.gif")])
+
+
+def test_vfm_weights_per_role_reach_the_segmenter(tmp_path):
+    """--vfm-weights ROLE=FILE (repeated) gives each VFM role of a multi-VFM method its own file; a plain value is
+    the "vfm" role; an unknown role or a role given twice is a one-line error before any model is built."""
+    from ovseg.cli import build_parser, check_model_args, vfm_weights_arg
+    from ovseg.errors import InvalidInputError
+
+    def kwargs(*argv):
+        return check_model_args(build_parser().parse_args(["predict", "x.jpg", "--labels", "a", *argv]))
+
+    kw = kwargs("--method", "trident", "--vfm-weights", "vfm=dino.pth", "--vfm-weights", "sam=sam_vit_b.pth")
+    assert kw["vfm_weights"] == {"vfm": "dino.pth", "sam": "sam_vit_b.pth"}
+    assert kwargs("--method", "proxyclip", "--vfm-weights", "dino.pth")["vfm_weights"] == "dino.pth"
+    assert kwargs("--method", "trident", "--random")["vfm_weights"] == {"vfm": "random", "sam": "random"}
+    assert vfm_weights_arg(["dino.pth", "sam=s.pth"], ["vfm", "sam"]) == {"vfm": "dino.pth", "sam": "s.pth"}
+    with pytest.raises(InvalidInputError, match="'dino=x'.*roles are vfm, sam"):
+        kwargs("--method", "trident", "--vfm-weights", "dino=x")
+    with pytest.raises(InvalidInputError, match="role 'sam' twice"):
+        kwargs("--method", "trident", "--vfm-weights", "sam=a", "--vfm-weights", "sam=b")
+    assert main(["predict", str(tmp_path / "x.jpg"), "--labels", "a", "--method", "trident",
+                 "--vfm-weights", "clip=x"]) == 2
+
+
+def test_random_vfm_weights_cover_every_role():
+    from ovseg.segmenter import _per_role
+
+    assert _per_role("random", ["vfm", "sam"], "vfm_weights") == {"vfm": "random", "sam": "random"}
+    assert _per_role("dino.pth", ["vfm", "sam"], "vfm_weights") == {"vfm": "dino.pth"}

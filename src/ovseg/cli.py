@@ -13,10 +13,11 @@ import glob
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import __version__
 from .errors import InvalidInputError, InvalidTypeError, OvsegError, PathNotFoundError
@@ -109,7 +110,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="the open_clip pretrained tag a local --clip-weights file holds (e.g. openai); it decides "
                         "the activation (QuickGELU or GELU)")
     g.add_argument("--vfm", default=None, help="VFM for proxyclip (default dino_b8); see 'ovseg list'")
-    g.add_argument("--vfm-weights", default=None, help="local checkpoint in the official release format, or 'random'")
+    g.add_argument("--vfm-weights", default=None, action="append", metavar="[ROLE=]WEIGHTS",
+                   help="local checkpoint in the official release format, or 'random'; for methods with several "
+                        "VFMs, ROLE=FILE per role, the option repeated (e.g. trident: --vfm-weights vfm=dino.pth "
+                        "--vfm-weights sam=sam_vit_b_01ec64.pth)")
     g.add_argument("--mask-generator", default=None,
                    help="corrclip: region mask generator (default sam2_hiera_l; 'none' = only --masks); "
                         "see 'ovseg list'")
@@ -232,7 +236,7 @@ def check_model_args(args: argparse.Namespace) -> Dict[str, Any]:
         VFMS.get(name)
     _validated(get_templates, cfg.templates)
     check_device(args.device)
-    clip_weights, vfm_weights = args.clip_weights, args.vfm_weights
+    clip_weights, vfm_weights = args.clip_weights, vfm_weights_arg(args.vfm_weights, list(roles))
     if getattr(args, "random", False):
         if clip_weights not in (None, "random") or vfm_weights not in (None, "random"):
             raise InvalidInputError("--random replaces --clip-weights/--vfm-weights; give one or the other")
@@ -246,6 +250,28 @@ def check_model_args(args: argparse.Namespace) -> Dict[str, Any]:
         options["mask_weights"] = "random"
     return dict(method=args.method, clip=args.clip, clip_weights=clip_weights, clip_tag=args.clip_tag, vfm=args.vfm,
                 vfm_weights=vfm_weights, device=args.device, precision=args.precision, **options)
+
+
+def vfm_weights_arg(values: Optional[Sequence[str]], roles: Sequence[str]) -> Union[None, str, Dict[str, str]]:
+    """The repeated ``--vfm-weights [ROLE=]WEIGHTS`` -> the Segmenter's ``vfm_weights``: one plain value as it is
+    (the ``"vfm"`` role; ``random`` means every role), else ``{role: weights}`` (a plain value is the ``"vfm"`` role).
+    """
+    if not values:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    if len(values) == 1 and not re.match(r"^[A-Za-z_]\w*=", values[0]):
+        return values[0]
+    out: Dict[str, str] = {}
+    for value in values:
+        m = re.match(r"^([A-Za-z_]\w*)=(.+)$", value)
+        role, weights = (m.group(1), m.group(2)) if m else ("vfm", value)
+        if roles and role not in roles:
+            raise InvalidInputError(f"--vfm-weights {value!r}: this method's VFM roles are {', '.join(roles)}")
+        if role in out:
+            raise InvalidInputError(f"--vfm-weights gives role '{role}' twice")
+        out[role] = weights
+    return out
 
 
 def _mask_options(args: argparse.Namespace, cfg) -> Dict[str, Any]:
@@ -756,6 +782,14 @@ def _add_cache(sub) -> None:
     k.set_defaults(func=_cmd_cache)
 
 
+def _demo_vfm_weights(values: Optional[Sequence[str]]) -> Optional[str]:
+    weights = vfm_weights_arg(values, [])
+    if isinstance(weights, dict):
+        raise InvalidInputError("ovseg demo takes one --vfm-weights (a file of the --vfm VFM, or 'random'); "
+                                "per-role files are for ovseg predict / eval")
+    return weights
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import launch_demo
 
@@ -764,7 +798,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                                 "vfm_weights": vfm_weights}))
 
     return launch_demo(host=args.host, port=args.port, share=args.share, method=args.method, vfm=args.vfm,
-                       clip=args.clip, clip_weights=args.clip_weights, vfm_weights=args.vfm_weights,
+                       clip=args.clip, clip_weights=args.clip_weights, vfm_weights=_demo_vfm_weights(args.vfm_weights),
                        threshold=args.threshold, factory=factory)
 
 

@@ -61,7 +61,10 @@ def _check_requirements(cfg: MethodCfg) -> None:
 
 
 def _per_role(value: Any, roles: Sequence[str], what: str) -> Dict[str, Any]:
-    """``value`` for the ``"vfm"`` role, or a mapping role -> value when its keys are all roles."""
+    """``value`` for the ``"vfm"`` role, or a mapping role -> value when its keys are all roles; ``"random"``
+    weights apply to every role."""
+    if what == "vfm_weights" and isinstance(value, str) and value == "random":
+        return {role: "random" for role in roles}
     if isinstance(value, Mapping) and value and set(value) <= set(roles) and not (what == "vfm_kwargs" and
                                                                                   "vfm" not in roles):
         return dict(value)
@@ -83,8 +86,9 @@ class Segmenter:
             it decides the activation (QuickGELU or GELU). Needed when the file cannot be recognised and the
             architecture's tags disagree (docs/offline.md).
         vfm: the VFM of methods that use one (ProxyCLIP default ``dino_b8``); see :func:`ovseg.list_vfms`.
-        vfm_weights: None (official weights), a local checkpoint path, or ``"random"``; a mapping
-            ``{role: weights}`` for methods with several VFMs.
+        vfm_weights: None (official weights), a local checkpoint path, or ``"random"`` (every VFM of the
+            method); a mapping ``{role: weights}`` for methods with several VFMs (e.g. Trident's
+            ``{"vfm": dino_file, "sam": sam_file}``; a plain path is the ``"vfm"`` role's).
         device: default CUDA when available, else CPU.
         precision: ``"auto"`` (default): fp16 autocast on CUDA, bf16 on a CPU with native bf16 (AMX,
             AVX512-BF16), fp32 otherwise (:func:`ovseg.precision.resolve_precision`; ``OVSEG_PRECISION`` pins it);
