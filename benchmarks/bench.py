@@ -87,32 +87,33 @@ def test_image(w: int, h: int) -> np.ndarray:
 
 
 class ForwardTimer:
-    """Times the dense model's forward (every window batch) and records window shapes, with forward hooks on
-    ``seg.model`` (an ordinary ``nn.Module``)."""
+    """Times the dense model on every window batch and records window shapes, by wrapping
+    ``seg.model.window_logits`` (what ``predict`` calls; strategies that override ``window_logits`` never go
+    through ``model.forward``, so forward hooks would miss them)."""
 
     def __init__(self, seg: Segmenter):
         self.seg = seg
         self.reset()
-        self.handles = [seg.model.register_forward_pre_hook(self._pre),
-                        seg.model.register_forward_hook(self._post)]
+        model = seg.model
+        inner = model.window_logits
 
-    def _pre(self, module, args):
-        crops = args[0]
-        _sync(self.seg.device)
-        self._t = time.perf_counter()
-        self.windows += crops.shape[0]
-        self.shapes.extend([tuple(crops.shape[1:])] * crops.shape[0])
+        def timed(crops, *args, **kwargs):
+            _sync(self.seg.device)
+            t = time.perf_counter()
+            self.windows += crops.shape[0]
+            self.shapes.extend([tuple(crops.shape[1:])] * crops.shape[0])
+            out = inner(crops, *args, **kwargs)
+            _sync(self.seg.device)
+            self.seconds += time.perf_counter() - t
+            return out
 
-    def _post(self, module, args, out):
-        _sync(self.seg.device)
-        self.seconds += time.perf_counter() - self._t
+        model.window_logits = timed
 
     def reset(self):
         self.seconds, self.windows, self.shapes = 0.0, 0, []
 
     def remove(self):
-        for h in self.handles:
-            h.remove()
+        self.seg.model.__dict__.pop("window_logits", None)
 
 
 def test_regions(h: int, w: int) -> np.ndarray:

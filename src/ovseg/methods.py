@@ -323,3 +323,13 @@ for _cfg in (
               description="ResCLIP (CVPR 2025) on ClearCLIP's last block"),
 ):
     register_method(_cfg)
+
+# CASS (CVPR 2025): the official default backbone pair (CLIP ViT-B/16 OpenAI, DINO ViT-B/8), 224/112 windows on a
+# 336 short side, the prior's weights of its PASCAL Context configs (the bare official constructor turns it off)
+register_method(MethodCfg(
+    "cass", "cass",
+    {"beta": 0.25, "alpha": 0.04, "h_threshold": 0.09, "eigenscaling": True},
+    vfm="dino_b8",
+    description="CASS (Kim et al., CVPR 2025): DINO's low-rank attention graph in CLIP's last block, "
+                "object-presence prior",
+))

@@ -225,6 +225,10 @@ class CLIPAdapter(nn.Module):
         b, nh, n, hd = t.shape
         return t.transpose(1, 2).reshape(b, n, nh * hd)
 
+    def attn_norm(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i``'s pre-attention norm ``ln_1``: (B, T, D) -> (B, T, D), the ``y`` that :meth:`qkv` takes."""
+        return self.block(i).ln_1(x)
+
     def qkv(self, i: int, y: torch.Tensor, needs: str = "qkv") -> Tuple[Optional[torch.Tensor], ...]:
         """Block ``i``'s in-projection of its normalised input ``y = ln_1(x)`` (B, T, D): per-head q, k, v
         (B, nh, T, hd), computing only the ones named in ``needs`` (None for the others)."""

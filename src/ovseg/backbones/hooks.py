@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidInputError
 
-__all__ = ["Collect", "Intermediates", "timm_block_forward", "attention_weights"]
+__all__ = ["Collect", "Intermediates", "timm_block_forward", "timm_block_qkv", "attention_weights"]
 
 QKV = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -31,12 +31,17 @@ class Collect:
             normalised input (the projection output *with* its bias).
         attn: block indices whose post-softmax attention weights to keep, (B, nh, T, T).
         embed: keep the input of block 0 (the embedded tokens after the positional embedding and any pre-norm).
+        stop: end the forward at the last block named above: later blocks and the final norm do not run, and of
+            that block only what is collected is computed (its q/k/v need only its norm and qkv projection);
+            ``Intermediates.x`` is then that block's *input*. Honoured by the timm VFMs; CLIP's trunk always
+            stops before its last block anyway.
     """
 
     tokens: Tuple[int, ...] = ()
     qkv: Tuple[int, ...] = ()
     attn: Tuple[int, ...] = ()
     embed: bool = False
+    stop: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.tokens or self.qkv or self.attn or self.embed)
@@ -46,7 +51,8 @@ class Collect:
             return self
         return Collect(tuple(sorted(set(self.tokens) | set(other.tokens))),
                        tuple(sorted(set(self.qkv) | set(other.qkv))),
-                       tuple(sorted(set(self.attn) | set(other.attn))), self.embed or other.embed)
+                       tuple(sorted(set(self.attn) | set(other.attn))), self.embed or other.embed,
+                       self.stop or other.stop)
 
     def resolved(self, num_blocks: int, *, limit: Optional[int] = None, owner: str = "backbone") -> "Collect":
         """Indices made non-negative and checked against ``[0, limit)`` (``limit`` defaults to ``num_blocks``)."""
@@ -64,7 +70,14 @@ class Collect:
                 out.append(j)
             return tuple(sorted(set(out)))
 
-        return Collect(fix("tokens", self.tokens), fix("qkv", self.qkv), fix("attn", self.attn), self.embed)
+        return Collect(fix("tokens", self.tokens), fix("qkv", self.qkv), fix("attn", self.attn), self.embed,
+                       self.stop)
+
+    @property
+    def last(self) -> Optional[int]:
+        """The highest block index named (None if none); resolve first for negative indices."""
+        idx = self.tokens + self.qkv + self.attn
+        return max(idx) if idx else None
 
 
 @dataclass
@@ -97,6 +110,15 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float,
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
     return torch.softmax(logits, dim=-1)
+
+
+def timm_block_qkv(blk, x: torch.Tensor) -> QKV:
+    """Per-head q, k, v (B, nh, T, hd) of a timm ``vision_transformer.Block`` on its input x (B, T, C): ``norm1``,
+    the fused qkv projection and the q/k norms, nothing else of the block."""
+    attn = blk.attn
+    b, t, _ = x.shape
+    q, k, v = attn.qkv(blk.norm1(x)).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
 
 
 def timm_block_forward(blk, x: torch.Tensor, *, want_qkv: bool = False,

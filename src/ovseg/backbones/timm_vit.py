@@ -21,7 +21,7 @@ from ..weights import (
     strict_load,
 )
 from .base import VFM, VFMCfg
-from .hooks import Collect, Intermediates, timm_block_forward
+from .hooks import Collect, Intermediates, timm_block_forward, timm_block_qkv
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class TimmViTFeatures(VFM):
 
         x: (B, 3, H, W) normalised with ``mean``/``std``. Returns :class:`Intermediates` whose ``x`` is the final
         normed sequence (B, prefix + h·w, C) and ``grid`` is (h, w); collected tokens and q/k/v include the prefix
-        tokens (CLS first, then registers).
+        tokens (CLS first, then registers). With ``collect.stop`` the forward ends at the last collected block and
+        ``x`` is that block's input (no final norm).
         """
         collect = (collect or Collect()).resolved(self.num_blocks, owner=f"VFM '{self.name}'")
         vit = self.vit
@@ -80,10 +81,16 @@ class TimmViTFeatures(VFM):
             x = torch.cat([vit.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1) + pos.to(x.dtype)
         x = vit.norm_pre(vit.pos_drop(x))
         out = Intermediates(x, (h, w), embed=x if collect.embed else None)
+        stop = collect.last if collect.stop else None
         if not collect:
             x = vit.blocks(x)
         else:
             for i, blk in enumerate(vit.blocks):
+                if i == stop and i not in collect.tokens and i not in collect.attn:
+                    out.qkv[i] = timm_block_qkv(blk, x)  # the block's q/k/v only: no attention, no MLP
+                    out.x = x
+                    return out
+                x_in = x
                 if i in collect.qkv or i in collect.attn:
                     x, qkv, attn = timm_block_forward(blk, x, want_qkv=i in collect.qkv, want_attn=i in collect.attn)
                     if qkv is not None:
@@ -94,6 +101,9 @@ class TimmViTFeatures(VFM):
                     x = blk(x)
                 if i in collect.tokens:
                     out.tokens[i] = x
+                if i == stop:
+                    out.x = x_in
+                    return out
         out.x = vit.norm(x)
         return out
 

@@ -154,6 +154,31 @@ TRIDENT: Dict[str, EvalPreset] = {
 HARNESS.update({"trident": TRIDENT, "trident_l14": TRIDENT, "trident_h14": TRIDENT})
 
 
+# CASS (CVPR 2025), the official configs/cfg_*.py and cass_segmentor.py: NACLIP's harness and class files (byte-
+# identical), 224/112 windows except VOC21 (whole image), per-dataset prior weights β (global_semantics_weight),
+# α (mean_vector_weight), h_threshold; eigenscaling off for VOC20 and Cityscapes (gated on the dataset name);
+# Cityscapes' prior uses each window's own CLS (its config passes no whole image), VOC21's is the image itself.
+def _cass(cls, short, window, thd, beta, alpha, h_thr, eig=True, prior="image", note=""):
+    opts = {"beta": beta, "alpha": alpha, "h_threshold": h_thr, "eigenscaling": eig, "prior_cls": prior}
+    return _p(cls, _NAC, short, window, 112 if window else None, thd, note=note, options=opts)
+
+
+CASS: Dict[str, EvalPreset] = {
+    "voc21": _cass("naclip/voc21.txt", 336, None, 0.1, 0.10, 0.03, 0.10,
+                   note="whole-image inference (the reference runs it in fp16 up to the softmax)"),
+    "context60": _cass("shared_context60.txt", 336, 224, 0.1, 0.25, 0.04, 0.09),
+    "coco_object": _cass("naclip/coco_object.txt", 336, 224, 0.1, 0.25, 0.01, 0.10),
+    "voc20": _cass("naclip/voc20.txt", 336, 224, 0.0, 0.40, 0.02, 0.10, eig=False,
+                   note="sliding windows (NACLIP: whole image); no eigenscaling"),
+    "context59": _cass("shared_context59.txt", 336, 224, 0.0, 0.25, 0.04, 0.09),
+    "coco_stuff": _cass("shared_coco_stuff.txt", 336, 224, 0.0, 0.20, 0.02, 0.02),
+    "cityscapes": _cass("shared_city_scapes.txt", 560, 224, 0.0, 0.10, 0.03, 0.14, eig=False, prior="window",
+                        note="no eigenscaling; the prior uses each window's own CLS"),
+    "ade20k": _cass("shared_ade20k.txt", 336, 224, 0.0, 0.30, 0.05, 0.06),
+}
+HARNESS["cass"] = CASS
+
+
 def get_eval_preset(method: str, dataset: str) -> EvalPreset:
     table = HARNESS.get(method, BASELINE)
     if dataset not in table:

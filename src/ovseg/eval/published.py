@@ -60,6 +60,11 @@ PUBLISHED: Dict[Tuple[str, str, Optional[str], bool], Any] = {
     ("clip", "ViT-H-14", None, False): _row(_PX, (8.8, 5.0, 5.3, 21.7, 5.5, 3.2, 4.3, 2.8), T1),
 }
 
+# CASS (CVPR 2025): the main table of the paper as shown on the project page and in the official README
+# (miou.png; CLIP ViT-B/16 OpenAI, DINO ViT-B/8, no post-processing)
+PUBLISHED[("cass", "ViT-B-16", "dino_b8", False)] = _row(
+    _PX, (65.8, 36.7, 37.8, 87.8, 40.2, 26.7, 39.4, 20.4), "CASS main table (project page / README figure)")
+
 
 # ---- Trident (ICCV 2025): the official README's results table (assets/data_result.png), SAM refinement on; no
 # ViT-L/14 row is published. Keyed by preset name (trident, trident_h14) and for the base preset with another CLIP.

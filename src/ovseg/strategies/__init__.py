@@ -9,6 +9,7 @@ from .base import (
     list_strategies,
     register_strategy,
 )
+from .cass import CASS  # CASS (CVPR 2025)
 from .corrclip import CorrCLIP  # CorrCLIP (ICCV 2025)
 from .last_block import LastBlock
 from .resclip import ResCLIP  # noqa: F401  (registers "resclip")
@@ -18,5 +19,5 @@ from .trident import Trident  # noqa: F401  (registers "trident")
 __all__ = [
     "DenseStrategy", "ImageContext", "WindowContext", "STRATEGIES", "register_strategy", "get_strategy",
     "list_strategies", "cosine_logits", "LastBlock",
-    "CorrCLIP", "Trident",
+    "CASS", "CorrCLIP", "Trident",
 ]
