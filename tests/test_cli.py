@@ -296,11 +296,16 @@ def test_label_text_and_image_discovery(photos):
         find_images([str(d / "*.gif")])
 
 
-def test_vfm_weights_per_role_reach_the_segmenter(tmp_path):
+def test_vfm_weights_per_role_reach_the_segmenter(tmp_path, monkeypatch):
     """--vfm-weights ROLE=FILE (repeated) gives each VFM role of a multi-VFM method its own file; a plain value is
-    the "vfm" role; an unknown role or a role given twice is a one-line error before any model is built."""
+    the "vfm" role; an unknown role, a role given twice or a missing file is a one-line error before any model is
+    built."""
     from ovseg.cli import build_parser, check_model_args, vfm_weights_arg
-    from ovseg.errors import InvalidInputError
+    from ovseg.errors import InvalidInputError, PathNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("dino.pth", "sam_vit_b.pth", "a", "b"):
+        (tmp_path / name).write_bytes(b"")
 
     def kwargs(*argv):
         return check_model_args(build_parser().parse_args(["predict", "x.jpg", "--labels", "a", *argv]))
@@ -314,6 +319,8 @@ def test_vfm_weights_per_role_reach_the_segmenter(tmp_path):
         kwargs("--method", "trident", "--vfm-weights", "dino=x")
     with pytest.raises(InvalidInputError, match="role 'sam' twice"):
         kwargs("--method", "trident", "--vfm-weights", "sam=a", "--vfm-weights", "sam=b")
+    with pytest.raises(PathNotFoundError, match="'sam_vit_h.pth'"):
+        kwargs("--method", "trident", "--vfm-weights", "sam=sam_vit_h.pth")
     assert main(["predict", str(tmp_path / "x.jpg"), "--labels", "a", "--method", "trident",
                  "--vfm-weights", "clip=x"]) == 2
 

@@ -244,6 +244,10 @@ def check_model_args(args: argparse.Namespace) -> Dict[str, Any]:
     if vfm_weights is not None and not roles:
         raise InvalidInputError(f"--vfm-weights was given but method '{cfg.name}' uses no VFM; "
                                 "drop it (--random sets random weights for whatever the method uses)")
+    for value in (vfm_weights.values() if isinstance(vfm_weights, dict) else [vfm_weights]):
+        if value not in (None, "random") and not Path(os.path.expanduser(value)).exists():
+            raise PathNotFoundError(f"--vfm-weights: file not found: '{value}' (a VFM checkpoint in its official "
+                                    "release format, or 'random')")
     if getattr(args, "random", False) and cfg.strategy_options.get("mask_generator", "none") != "none":
         if options.get("mask_weights") not in (None, "random"):
             raise InvalidInputError("--random replaces --mask-weights; give one or the other")
@@ -520,7 +524,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             print(f"  {name:<16} {doc}")
 
     section("methods", METHODS.describe().items())
-    section("vfms (for proxyclip)", describe_vfms().items())
+    section("vfms (proxyclip's --vfm; the VFM roles of other methods)", describe_vfms().items())
     from .masks import describe_mask_generators
 
     section("mask generators (for corrclip)", describe_mask_generators().items())
