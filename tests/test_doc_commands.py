@@ -90,6 +90,15 @@ def test_the_docs_have_commands_to_test():
     assert any(t.startswith("ovseg predict") for t in texts) and any("examples/quickstart.py" in t for t in texts)
 
 
+def _builtin_vfms() -> frozenset:
+    from ovseg.backbones import list_vfms
+
+    return frozenset(list_vfms())
+
+
+_BUILTIN_VFMS = _builtin_vfms()  # before any example registers its own
+
+
 def _tiny_segmenter_factory(real):
     """The Segmenter, built with seeded random weights of small configs of the same architectures."""
     def build(method: str = "proxyclip", **kw):
@@ -101,7 +110,9 @@ def _tiny_segmenter_factory(real):
         roles = get_method(method).replace(vfm=kw.get("vfm"), vfms=kw.get("vfms")).vfm_names()
         if roles:  # every VFM role of the method: random weights of a small config of the same architecture
             kw["vfm_weights"] = {role: "random" for role in roles}
-            kw["vfm_kwargs"] = {role: {"model_kwargs": tiny_vfm_kwargs(name)} for role, name in roles.items()}
+            # ovseg's own VFMs get small configs; one an example registers keeps its own builder's arguments
+            kw["vfm_kwargs"] = {role: {"model_kwargs": tiny_vfm_kwargs(name)} for role, name in roles.items()
+                                if name in _BUILTIN_VFMS}
         return real(method, **kw)
 
     return build
