@@ -124,6 +124,15 @@ def test_regions(h: int, w: int) -> np.ndarray:
     return regions
 
 
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten._scaled_dot_product_flash_attention_for_cpu`` (query/key/value shapes (B, H, L, D)):
+    QK^T and AV, 2 FLOPs per multiply-add, as torch counts its GPU attention kernels. torch's counter has no formula
+    for this CPU kernel and counts it as 0 (timm's ViTs use it), which understated VFM-guided methods' FLOPs."""
+    b, h, lq, d = query
+    lk, dv = key[-2], value[-1]
+    return 2 * b * h * lq * lk * d + 2 * b * h * lq * lk * dv
+
+
 def flops_per_window(seg: Segmenter, shape, text: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -138,11 +147,14 @@ def flops_per_window(seg: Segmenter, shape, text: torch.Tensor) -> float:
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the counter cannot see inside the fused MHA kernel
     try:
-        with torch.inference_mode(), FlopCounterMode(display=False) as fc, seg._autocast():
+        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_SDPA) as fc, seg._autocast():
             seg.model(x, text=text, context=context)
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     return float(fc.get_total_flops())
+
+
+_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
 
 
 def build(method: str, vfm: Optional[str], precision: str, device: str, masks: str = "generated",

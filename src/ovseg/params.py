@@ -16,7 +16,7 @@ from .errors import InvalidInputError, InvalidTypeError
 
 __all__ = [
     "Param", "check_options", "positive", "non_negative", "unit_interval", "boolean", "non_negative_int",
-    "positive_int", "one_of", "int_tuple", "number", "optional", "as_float", "describe_params",
+    "positive_int", "layer_range", "one_of", "int_tuple", "number", "optional", "as_float", "describe_params",
 ]
 
 Check = Callable[[str, Any], Any]
@@ -98,6 +98,16 @@ def positive_int(name: str, value: Any) -> int:
     if out < 1:
         raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
     return out
+
+
+def layer_range(name: str, value: Any) -> Tuple[int, int]:
+    """A ``(first, last)`` pair of 1-indexed transformer blocks with first <= last."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise InvalidInputError(f"{name} must be a (first, last) pair of 1-indexed blocks, got {value!r}")
+    a, b = (positive_int(name, v) for v in value)
+    if a > b:
+        raise InvalidInputError(f"{name} must have first <= last, got {value!r}")
+    return a, b
 
 
 def int_tuple(name: str, value: Any) -> Tuple[int, ...]:

@@ -14,7 +14,17 @@ import torch
 from ..backbones.hooks import Collect
 from ..errors import InvalidInputError
 from ..ops import resclip as ops
-from ..params import Param, boolean, non_negative_int, one_of, optional, positive, positive_int, unit_interval
+from ..params import (
+    Param,
+    boolean,
+    layer_range,
+    non_negative_int,
+    one_of,
+    optional,
+    positive,
+    positive_int,
+    unit_interval,
+)
 from .base import DenseStrategy, WindowContext, register_strategy
 
 __all__ = ["ResCLIP", "rcs_blocks"]
@@ -47,15 +57,6 @@ def _mix(name: str, value: Any) -> Tuple[float, float]:
     return positive(name, value[0]), unit_interval(name, value[1])
 
 
-def _layer_range(name: str, value: Any) -> Tuple[int, int]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise InvalidInputError(f"{name} must be a (first, last) pair of 1-indexed blocks, got {value!r}")
-    a, b = (positive_int(name, v) for v in value)
-    if a > b:
-        raise InvalidInputError(f"{name} must have first <= last, got {value!r}")
-    return a, b
-
-
 def _dilations(name: str, value: Any) -> Tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not tuple(value):
         raise InvalidInputError(f"{name} must be a non-empty sequence of positive ints, got {value!r}")
@@ -78,7 +79,7 @@ class ResCLIP(DenseStrategy):
         Param("sfr_mix", (1.8, 0.7), "SFR (tau, lambda) on the second pass's logits", _mix),
         Param("temp_thd", 0.3, "first-pass pixels less confident than this take query 0", unit_interval),
         Param("rcs_layers", None, "(first, last) 1-indexed blocks averaged by RCS (None: (6, 9))",
-              optional(_layer_range)),
+              optional(layer_range)),
         Param("sigma", 5.0, "std (patches) of NACLIP's Gaussian window and of the SFR blur", positive),
         Param("residual", None, "keep the last block's residual and FFN (None: per base; sclip/vanilla keep them)",
               optional(boolean)),

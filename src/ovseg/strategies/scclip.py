@@ -6,14 +6,14 @@ declares the options, picks the blocks for the CLIP's depth and wires the functi
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
 from ..backbones.hooks import Collect
 from ..errors import InvalidInputError
 from ..ops import scclip as ops
-from ..params import Param, boolean, non_negative, optional, positive, positive_int
+from ..params import Param, boolean, layer_range, non_negative, optional, positive, positive_int
 from .base import DenseStrategy, WindowContext, register_strategy
 
 __all__ = ["SCCLIP", "scclip_blocks"]
@@ -51,15 +51,6 @@ def scclip_blocks(depth: int, options: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _layer_range(name: str, value: Any) -> Tuple[int, int]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise InvalidInputError(f"{name} must be a (first, last) pair of 1-indexed blocks, got {value!r}")
-    a, b = (positive_int(name, v) for v in value)
-    if a > b:
-        raise InvalidInputError(f"{name} must have first <= last, got {value!r}")
-    return a, b
-
-
 def _fraction(name: str, value: Any) -> float:
     v = positive(name, value)
     if v >= 1:
@@ -79,7 +70,7 @@ class SCCLIP(DenseStrategy):
         Param("post_layer", None, "1-indexed block whose similarity re-aggregates the outputs "
               "(None: 4 for 12 blocks, 7 for 24)", optional(positive_int)),
         Param("fusion_layers", None, "(first, last) 1-indexed blocks summed for the fusion branch "
-              "(None: (4, 10) for 12 blocks, (9, 19) for 24)", optional(_layer_range)),
+              "(None: (4, 10) for 12 blocks, (9, 19) for 24)", optional(layer_range)),
         Param("res_cls", None, "weight of the CLS token added to every output token "
               "(None: 0.3, 0.1 for 24 blocks)", optional(non_negative)),
         Param("beta", 0.4, "similarity cut of the re-aggregation weights", non_negative),
