@@ -154,7 +154,8 @@ def flops_per_window(seg: Segmenter, shape, text: torch.Tensor) -> float:
     return float(fc.get_total_flops())
 
 
-_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)  # absent in old torch
+_SDPA = {_CPU_SDPA: _cpu_sdpa_flops} if _CPU_SDPA is not None else {}
 
 
 def build(method: str, vfm: Optional[str], precision: str, device: str, masks: str = "generated",
